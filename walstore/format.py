@@ -55,7 +55,7 @@ OP_HEADER_SIZE = 12
 # header: magic, version, kind, flags, store_id, first_seq, prev_seq, prev_size, reserved
 FILE_HEADER = struct.Struct("<8sHHI16sQQQI")
 # frame after the crc field: length, type, flags, reserved16, reserved32, seq, durable
-FRAME_HEADER = struct.Struct("<IIBBHIQQ")
+FRAME_HEADER = struct.Struct("<IBBHIQQ")
 OP_HEADER = struct.Struct("<BBHII")
 U32 = struct.Struct("<I")
 SNAPSHOT_END_PAYLOAD = struct.Struct("<QQ")
