@@ -1,0 +1,55 @@
+"""walstore: a durable write-ahead-log store for in-memory Python state.
+
+    import walstore
+    with walstore.open("data/app") as db:
+        db["user:1"] = {"name": "Ada"}      # one durable commit
+        with db.transaction() as tx:        # all or nothing: one log record
+            tx["a"] = 1
+"""
+
+from __future__ import annotations
+
+from .codec import Codec, JSONCodec, PickleCodec
+from .errors import (
+    CodecError,
+    CorruptionError,
+    DiskFullError,
+    FormatVersionError,
+    KeyTypeError,
+    NotAStoreError,
+    ReplayError,
+    SnapshotError,
+    StoreClosedError,
+    StoreLockedError,
+    StorePoisonedError,
+    TransactionClosedError,
+    WalstoreError,
+)
+from .replay import backend
+from .store import Store, Transaction, open
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Codec",
+    "CodecError",
+    "CorruptionError",
+    "DiskFullError",
+    "FormatVersionError",
+    "JSONCodec",
+    "KeyTypeError",
+    "NotAStoreError",
+    "PickleCodec",
+    "ReplayError",
+    "SnapshotError",
+    "Store",
+    "StoreClosedError",
+    "StoreLockedError",
+    "StorePoisonedError",
+    "Transaction",
+    "TransactionClosedError",
+    "WalstoreError",
+    "backend",
+    "open",
+    "__version__",
+]

@@ -1,0 +1,331 @@
+"""Recovery: read a store's segments, judge damage by the watermark rule, replay.
+
+`inspect_log` reads and judges without changing anything (the CLI's view).
+`cut_torn_tail` is the only repair `open()` makes: it keeps the cut bytes in
+`quarantine/` first. Everything else that is wrong raises CorruptionError,
+naming the file, offset and sequence number, with nothing on disk changed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import mmap
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional, Protocol
+
+from . import format as fmt
+from . import reader
+from .errors import CorruptionError, FormatVersionError, NotAStoreError
+from .fileapi import OSFileAPI
+
+try:  # the C scanner, when built (walstore.native decides about WALSTORE_PURE)
+    from . import native as _native
+except ImportError:  # pragma: no cover - only before the native module exists
+    _native = None  # type: ignore[assignment]
+
+
+def backend() -> str:
+    """Which replayer this process uses: "c" or "python"."""
+    if _native is not None and _native.AVAILABLE:
+        return "c"
+    return "python"
+
+
+def scan_records(buf: reader.Buffer, start: int, first_seq: int, type_mask: int) -> reader.ScanResult:
+    """The C scanner when available, else the Python reference; same verdicts."""
+    if _native is not None and _native.AVAILABLE:
+        return _native.scan_records(buf, start, first_seq, type_mask)
+    return reader.scan_records(buf, start, first_seq, type_mask)
+
+
+class RangeReplayer(Protocol):
+    """Applies the records in [start, end) of an already-scanned buffer to a state."""
+
+    def apply_range(self, buf: reader.Buffer, start: int, end: int) -> None: ...
+
+
+@dataclass
+class SegmentView:
+    """One segment as recovery sees it."""
+
+    path: str
+    header: fmt.FileHeader
+    size: int
+    scan: reader.ScanResult
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+@dataclass
+class TornTail:
+    """Bytes past the durable point that recovery cuts off (and keeps in quarantine)."""
+
+    path: str
+    offset: int
+    end: int
+    seq: int
+    reason: str
+    detail: str
+
+    @property
+    def length(self) -> int:
+        return self.end - self.offset
+
+
+@dataclass
+class LogState:
+    """The verdict on a store's log."""
+
+    segments: list[SegmentView] = field(default_factory=list)
+    torn: Optional[TornTail] = None
+    last_seq: int = 0
+    closed_cleanly: bool = False
+
+
+def read_file(path: str) -> bytes | mmap.mmap:
+    """The whole file, mapped read-only (or read, when it is empty)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return b""
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def list_segments(directory: str) -> list[tuple[int, str]]:
+    """(first_seq, path) of every segment file, in sequence order."""
+    found = []
+    for name in os.listdir(directory):
+        m = fmt.SEGMENT_NAME.match(name)
+        if m:
+            found.append((int(m.group(1)), os.path.join(directory, name)))
+    found.sort()
+    return found
+
+
+def check_header(path: str, data: reader.Buffer, kind: int, store_id: bytes) -> fmt.FileHeader:
+    """Decode a file header and check its kind and store id; raise a named error."""
+    try:
+        header = fmt.decode_file_header(memoryview(data)[: fmt.FILE_HEADER_SIZE])
+    except fmt.HeaderError as exc:
+        if exc.newer_version is not None:
+            raise FormatVersionError(f"{path}: {exc.reason}") from None
+        raise CorruptionError(path, 0, None, "bad-header", exc.reason) from None
+    if header.kind != kind:
+        raise CorruptionError(path, 0, None, "bad-header", f"file kind {header.kind}, expected {kind}")
+    if header.store_id != store_id:
+        raise CorruptionError(
+            path,
+            0,
+            None,
+            "foreign-store",
+            f"belongs to store {header.store_id.hex()}, this store is {store_id.hex()}",
+        )
+    return header
+
+
+def inspect_log(
+    directory: str,
+    store_id: bytes,
+    after_seq: int = 0,
+    replayer: Optional[RangeReplayer] = None,
+    keep: Optional[list[reader.Buffer]] = None,
+) -> LogState:
+    """Read every segment holding records after `after_seq`, judge damage, optionally replay.
+
+    Raises CorruptionError for damage the watermark rule says was synced, for
+    a broken segment chain, and for foreign or damaged headers. A torn tail is
+    reported in the result, not cut. `keep` receives the mapped buffers the
+    replayer may still point into.
+    """
+    state = LogState(last_seq=after_seq)
+    segs = list_segments(directory)
+    # Skip segments wholly covered by the base snapshot: those starting at or before
+    # `after_seq` whose successor also starts at or before after_seq + 1.
+    start_index = 0
+    for i, (first, _path) in enumerate(segs):
+        if first <= after_seq + 1:
+            start_index = i
+    segs = segs[start_index:]
+    max_durable = 0
+    prev: Optional[SegmentView] = None
+    for index, (name_seq, path) in enumerate(segs):
+        data = read_file(path)
+        header = check_header(path, data, fmt.KIND_SEGMENT, store_id)
+        if header.first_seq != name_seq:
+            raise CorruptionError(
+                path, 0, None, "bad-header", f"header says first sequence number {header.first_seq}"
+            )
+        expected_first = (prev.scan.last_seq + 1) if prev is not None else None
+        if prev is not None:
+            if header.first_seq != expected_first or header.prev_seq != prev.scan.last_seq:
+                raise CorruptionError(
+                    path,
+                    0,
+                    expected_first,
+                    "missing-segment",
+                    f"starts at {header.first_seq} (predecessor recorded {header.prev_seq}),"
+                    f" but {prev.name} ends at {prev.scan.last_seq}",
+                )
+            if header.prev_size != prev.scan.end:
+                raise CorruptionError(
+                    prev.path,
+                    prev.scan.end,
+                    prev.scan.last_seq + 1,
+                    "segment-size",
+                    f"{prev.name} holds {prev.scan.end} bytes of records,"
+                    f" the next segment recorded {header.prev_size}",
+                )
+        elif header.first_seq > after_seq + 1:
+            raise CorruptionError(
+                path,
+                0,
+                after_seq + 1,
+                "missing-segment",
+                f"the log starts at {header.first_seq} but the state so far ends at {after_seq}",
+            )
+        scan = scan_records(data, fmt.FILE_HEADER_SIZE, header.first_seq, reader.SEGMENT_TYPES)
+        view = SegmentView(path, header, len(data), scan)
+        max_durable = max(max_durable, scan.max_durable, scan.resync_max_durable)
+        last = index == len(segs) - 1
+        if scan.damage is not None:
+            expected = scan.last_seq + 1
+            if not last:
+                raise CorruptionError(
+                    path, scan.end, expected, scan.damage, (scan.detail + "; " if scan.detail else "")
+                    + "a later segment exists, so this one was synced"
+                )
+            if max_durable >= expected:
+                raise CorruptionError(
+                    path,
+                    scan.end,
+                    expected,
+                    scan.damage,
+                    (scan.detail + "; " if scan.detail else "")
+                    + f"a record's durable watermark ({max_durable}) shows this data was synced",
+                )
+            state.torn = TornTail(path, scan.end, scan.data_end, expected, scan.damage, scan.detail)
+        elif not last and scan.data_end != scan.end:  # pragma: no cover - data_end == end when clean
+            raise CorruptionError(path, scan.end, scan.last_seq + 1, "segment-size", "data after the end")
+        if replayer is not None:
+            skip_to = fmt.FILE_HEADER_SIZE
+            if header.first_seq <= after_seq:
+                skip_to = _offset_after(data, fmt.FILE_HEADER_SIZE, scan.end, after_seq)
+            replayer.apply_range(data, skip_to, scan.end)
+        if keep is not None:
+            keep.append(data)
+        elif isinstance(data, mmap.mmap) and replayer is None:
+            data.close()
+        state.segments.append(view)
+        state.last_seq = max(state.last_seq, scan.last_seq)
+        state.closed_cleanly = scan.closed and scan.damage is None
+        prev = view
+    return state
+
+
+def _offset_after(data: reader.Buffer, start: int, end: int, seq: int) -> int:
+    """Offset of the first record carrying a sequence number above `seq`."""
+    found = end
+
+    def note(rtype: int, rseq: int, off: int, payload: memoryview) -> None:
+        nonlocal found
+        if rseq > seq and off < found:
+            found = off
+
+    reader.scan_records(memoryview(data)[:end], start, _first_seq(data), reader.SEGMENT_TYPES, note)
+    return found
+
+
+def _first_seq(data: reader.Buffer) -> int:
+    return fmt.decode_file_header(memoryview(data)[: fmt.FILE_HEADER_SIZE]).first_seq
+
+
+def _utc_stamp() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+
+
+def quarantine_bytes(
+    fs: OSFileAPI, directory: str, source: str, offset: int, data: bytes, report: dict[str, object]
+) -> str:
+    """Durably save `data` (cut from `source` at `offset`) and a JSON report in quarantine/."""
+    qdir = os.path.join(directory, fmt.QUARANTINE_DIR)
+    if not os.path.isdir(qdir):
+        fs.mkdir(qdir)
+        fs.fsync_dir(directory)
+    base = f"{_utc_stamp()}-{os.path.basename(source)}-{offset}"
+    bin_path = os.path.join(qdir, base + ".bin")
+    for path, content in ((bin_path, data), (bin_path[:-4] + ".json", _json_bytes(report))):
+        fd = fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fs.pwrite(fd, content, 0)
+            fs.fsync(fd)
+        finally:
+            fs.close(fd)
+    fs.fsync_dir(qdir)
+    return bin_path
+
+
+def _json_bytes(obj: dict[str, object]) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def cut_torn_tail(fs: OSFileAPI, directory: str, torn: TornTail, action: str = "open") -> str:
+    """Copy the torn bytes into quarantine/, then zero them in the segment and sync. Returns the copy's path."""
+    with open(torn.path, "rb") as f:
+        f.seek(torn.offset)
+        data = f.read(torn.length)
+    report: dict[str, object] = {
+        "action": action,
+        "kind": "torn-tail",
+        "segment": os.path.basename(torn.path),
+        "offset": torn.offset,
+        "bytes": len(data),
+        "first_lost_seq": torn.seq,
+        "reason": torn.reason,
+        "detail": torn.detail,
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "note": "bytes past the durable point: never acknowledged by a sync commit",
+    }
+    saved = quarantine_bytes(fs, directory, torn.path, torn.offset, data, report)
+    fd = fs.open(torn.path, os.O_RDWR)
+    try:
+        fs.pwrite(fd, bytes(len(data)), torn.offset)
+        fs.fdatasync(fd)
+    finally:
+        fs.close(fd)
+    return saved
+
+
+def report_dict(state: LogState) -> dict[str, object]:
+    """A JSON-able summary of a LogState (for reports and the CLI)."""
+    return {
+        "last_seq": state.last_seq,
+        "closed_cleanly": state.closed_cleanly,
+        "torn": asdict(state.torn) if state.torn else None,
+        "segments": [
+            {
+                "name": s.name,
+                "first_seq": s.header.first_seq,
+                "last_seq": s.scan.last_seq,
+                "size": s.size,
+                "records": s.scan.records,
+                "end": s.scan.end,
+                "damage": s.scan.damage,
+            }
+            for s in state.segments
+        ],
+    }
+
+
+def require_store(directory: str) -> None:
+    """Raise NotAStoreError unless `directory` holds a store's IDENTITY file."""
+    if not os.path.isdir(directory):
+        raise NotAStoreError(f"{directory!r} does not exist or is not a directory")
+    if not os.path.exists(os.path.join(directory, fmt.IDENTITY_NAME)):
+        raise NotAStoreError(f"{directory!r} is not a walstore store (no {fmt.IDENTITY_NAME} file)")
+
+
+OnRecord = Callable[[int, int, int, memoryview], None]

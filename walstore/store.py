@@ -1,0 +1,377 @@
+"""The durable key-value store: a dict whose every change is logged first.
+
+Guarantees (docs/GUARANTEES.md states them per durability mode):
+
+* Each `db[key] = value`, `del db[key]` and each transaction is one COMMIT
+  record: after any crash, recovery yields a prefix of the commits, never
+  half a transaction.
+* In `sync` mode a change returns only after its record is on disk.
+* The in-memory dict changes only after the record was written; a commit
+  that fails (full disk, closed store, wrong type, unencodable value) leaves
+  the dict as it was.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, MutableMapping
+from types import TracebackType
+from typing import Any, Optional, Union
+
+from . import format as fmt
+from .codec import Codec, get_codec
+from .core import Identity, LogCore, RecoveryInfo
+from .errors import KeyTypeError, TransactionClosedError
+from .fileapi import OSFileAPI
+from .kvreplay import make_kv_replayer
+from .writer import WriterOptions
+
+Key = Union[str, bytes]
+
+_OPH = fmt.OP_HEADER
+_PUT = fmt.OP_PUT
+_DEL = fmt.OP_DELETE
+_MISSING: Any = object()
+_DELETED: Any = object()
+
+
+def encode_key(key: object) -> tuple[bytes, int]:
+    """Key bytes and the key-is-str flag; raises KeyTypeError for other types."""
+    if type(key) is str:
+        return key.encode("utf-8"), fmt.KEY_STR
+    if type(key) is bytes:
+        return key, 0
+    if isinstance(key, str):
+        return str(key).encode("utf-8"), fmt.KEY_STR
+    if isinstance(key, bytes):
+        return bytes(key), 0
+    raise KeyTypeError(f"keys must be str or bytes, not {type(key).__name__}")
+
+
+class Store(MutableMapping[Key, Any]):
+    """A durable dict. Open with `walstore.open(path)`; use as a context manager.
+
+    Keys are str or bytes (``"a"`` and ``b"a"`` are different keys). bytes and
+    str values are stored as they are; other values go through the codec
+    (JSON by default), and the store keeps the decoded value, so what you
+    read now is what a reopen returns.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: str = "sync",
+        interval_ms: float = 100.0,
+        codec: str | Codec = "json",
+        segment_size: int = 64 << 20,
+        preallocate: bool = True,
+        create: bool = True,
+        fs: Optional[OSFileAPI] = None,
+    ) -> None:
+        self._codec = get_codec(codec)
+        self._replayer: Any = None
+
+        def factory(identity: Identity) -> Any:
+            self._replayer = make_kv_replayer()
+            return self._replayer
+
+        options = WriterOptions(durability, interval_ms, segment_size, preallocate)
+        self._core = LogCore(path, factory, codec_name=self._codec.name, options=options, create=create, fs=fs)
+        try:
+            self._data: dict[Key, Any] = self._replayer.finish(self._codec.decode)
+        except BaseException:
+            self._core.abandon()
+            raise
+        self._replayer = None
+        self._core.release_buffers()
+        self._writer = self._core.writer
+
+    # ---- identity and state ----------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        return self._core.path
+
+    @property
+    def recovery(self) -> RecoveryInfo:
+        """What open() found: replayer used, torn tail cut (and where its bytes went)."""
+        return self._core.recovery
+
+    @property
+    def closed(self) -> bool:
+        return self._core._closed
+
+    @property
+    def last_seq(self) -> int:
+        """Sequence number of the last commit."""
+        return self._writer.last_seq
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: commits and fsyncs since open (commits/fsyncs is the group-commit batch)."""
+        w = self._writer
+        return {
+            "keys": len(self._data),
+            "commits": w.commits,
+            "fsyncs": w.fsyncs,
+            "segment_rolls": w.rolls,
+            "last_seq": w.last_seq,
+            "durable_seq": w.durable_seq,
+            "durability": self._core.options.durability,
+            "backend": self._core.recovery.backend,
+        }
+
+    # ---- encoding --------------------------------------------------------------
+
+    def _value(self, value: Any) -> tuple[bytes, int, Any]:
+        """(stored bytes, value-kind flags, the value the dict keeps)."""
+        t = type(value)
+        if t is bytes:
+            return value, 0, value
+        if t is str:
+            return value.encode("utf-8"), fmt.VALUE_STR << fmt.VALUE_KIND_SHIFT, value
+        if isinstance(value, (bytearray, memoryview)):
+            b = bytes(value)
+            return b, 0, b
+        encoded = self._codec.encode(value)
+        return encoded, fmt.VALUE_CODEC << fmt.VALUE_KIND_SHIFT, self._codec.decode(encoded)
+
+    # ---- reads -----------------------------------------------------------------
+
+    def __getitem__(self, key: Key) -> Any:
+        self._core.check_open()
+        return self._data[key]
+
+    def get(self, key: Key, default: Any = None) -> Any:
+        self._core.check_open()
+        return self._data.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        self._core.check_open()
+        return key in self._data
+
+    def __len__(self) -> int:
+        self._core.check_open()
+        return len(self._data)
+
+    def __iter__(self) -> Iterator[Key]:
+        """Iterates over a copy of the keys: safe while other threads commit."""
+        self._core.check_open()
+        with self._writer.lock:
+            keys = list(self._data)
+        return iter(keys)
+
+    def to_dict(self) -> dict[Key, Any]:
+        """A consistent shallow copy of the whole state."""
+        self._core.check_open()
+        with self._writer.lock:
+            return dict(self._data)
+
+    # ---- writes ----------------------------------------------------------------
+
+    def __setitem__(self, key: Key, value: Any) -> None:
+        self.put(key, value)
+
+    def __delitem__(self, key: Key) -> None:
+        self._core.check_open()
+        kb, kf = encode_key(key)
+        if key not in self._data:
+            raise KeyError(key)
+        self._commit_one(_OPH.pack(_DEL, kf, 0, len(kb), 0) + kb, key, _DELETED, None)
+
+    def put(self, key: Key, value: Any, *, durability: Optional[str] = None) -> None:
+        """Set `key` to `value` as one commit (durability overrides the store's mode)."""
+        self._core.check_open()
+        kb, kf = encode_key(key)
+        vb, vf, kept = self._value(value)
+        payload = b"".join((_OPH.pack(_PUT, kf | vf, 0, len(kb), len(vb)), kb, vb))
+        self._commit_one(payload, key, kept, durability)
+
+    def delete(self, key: Key, *, durability: Optional[str] = None) -> bool:
+        """Remove `key` as one commit; False (and nothing logged) if it was absent."""
+        self._core.check_open()
+        kb, kf = encode_key(key)
+        if key not in self._data:
+            return False
+        self._commit_one(_OPH.pack(_DEL, kf, 0, len(kb), 0) + kb, key, _DELETED, durability)
+        return True
+
+    def _commit_one(self, payload: bytes, key: Key, kept: Any, durability: Optional[str]) -> None:
+        data = self._data
+        if kept is _DELETED:
+
+            def apply() -> None:
+                data.pop(key, None)
+
+        else:
+
+            def apply() -> None:
+                data[key] = kept
+
+        self._writer.commit(payload, apply, durability)
+
+    def transaction(self, *, durability: Optional[str] = None) -> Transaction:
+        """An all-or-nothing group of changes: one COMMIT record when the block ends cleanly."""
+        self._core.check_open()
+        return Transaction(self, durability)
+
+    def sync(self) -> None:
+        """Make every commit so far durable (what `interval` and `none` modes hold back)."""
+        self._core.check_open()
+        self._writer.sync()
+
+    def close(self) -> None:
+        """Sync, mark the log cleanly closed, release the lock. Idempotent."""
+        self._core.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{len(self._data)} keys, seq {self.last_seq}"
+        return f"<walstore.Store {self.path!r} {state}>"
+
+
+class Transaction(MutableMapping[Key, Any]):
+    """Changes buffered until the `with` block ends; then one atomic commit.
+
+    Reads see the transaction's own changes over the store's current state.
+    An exception in the block discards every change. The transaction gives
+    atomicity and durability, not isolation: other threads' commits in the
+    meantime are visible, and the last commit of a key wins.
+    """
+
+    def __init__(self, store: Store, durability: Optional[str]) -> None:
+        self._store = store
+        self._durability = durability
+        self._changes: dict[Key, Any] = {}
+        self._encoded: dict[Key, bytes] = {}
+        self._open = True
+
+    def _check(self) -> None:
+        if not self._open:
+            raise TransactionClosedError("this transaction's block has ended; start a new one")
+
+    def __getitem__(self, key: Key) -> Any:
+        self._check()
+        if key in self._changes:
+            v = self._changes[key]
+            if v is _DELETED:
+                raise KeyError(key)
+            return v
+        return self._store[key]
+
+    def __contains__(self, key: object) -> bool:
+        self._check()
+        if key in self._changes:
+            return self._changes[key] is not _DELETED
+        return key in self._store
+
+    def __setitem__(self, key: Key, value: Any) -> None:
+        self._check()
+        kb, kf = encode_key(key)
+        vb, vf, kept = self._store._value(value)
+        self._encoded[key] = b"".join((_OPH.pack(_PUT, kf | vf, 0, len(kb), len(vb)), kb, vb))
+        self._changes[key] = kept
+
+    def __delitem__(self, key: Key) -> None:
+        self._check()
+        if key not in self:
+            raise KeyError(key)
+        self.discard(key)
+
+    def discard(self, key: Key) -> None:
+        """Delete `key` if present (no KeyError)."""
+        self._check()
+        kb, kf = encode_key(key)
+        self._encoded[key] = _OPH.pack(_DEL, kf, 0, len(kb), 0) + kb
+        self._changes[key] = _DELETED
+
+    def __len__(self) -> int:
+        self._check()
+        return sum(1 for _ in self)
+
+    def __iter__(self) -> Iterator[Key]:
+        self._check()
+        keys = [k for k in self._store if k not in self._changes]
+        keys.extend(k for k, v in self._changes.items() if v is not _DELETED)
+        return iter(keys)
+
+    def commit(self) -> None:
+        """Write the changes as one record (no record if there are none) and apply them."""
+        self._check()
+        self._open = False
+        if not self._encoded:
+            return
+        payload = b"".join(self._encoded.values())
+        data = self._store._data
+        changes = self._changes
+
+        def apply() -> None:
+            for k, v in changes.items():
+                if v is _DELETED:
+                    data.pop(k, None)
+                else:
+                    data[k] = v
+
+        self._store._core.check_open()
+        self._store._writer.commit(payload, apply, self._durability)
+
+    def rollback(self) -> None:
+        """Discard the changes."""
+        self._open = False
+        self._changes.clear()
+        self._encoded.clear()
+
+    def __enter__(self) -> Transaction:
+        self._check()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.rollback()
+
+
+def open(  # noqa: A001 - the natural name, as in shelve.open / dbm.open
+    path: str | os.PathLike[str],
+    *,
+    durability: str = "sync",
+    interval_ms: float = 100.0,
+    codec: str | Codec = "json",
+    segment_size: int = 64 << 20,
+    preallocate: bool = True,
+    create: bool = True,
+    fs: Optional[OSFileAPI] = None,
+) -> Store:
+    """Open (or create) the store in directory `path`.
+
+    durability: "sync" (default: every commit is on disk when it returns),
+    "interval" (a background fdatasync every `interval_ms`), or "none" (the OS
+    decides; `sync()` forces). preallocate=False for copy-on-write
+    filesystems (btrfs, ZFS), where pre-written zeros buy nothing.
+    """
+    return Store(
+        path,
+        durability=durability,
+        interval_ms=interval_ms,
+        codec=codec,
+        segment_size=segment_size,
+        preallocate=preallocate,
+        create=create,
+        fs=fs,
+    )

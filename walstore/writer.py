@@ -1,0 +1,422 @@
+"""The log writer: appends COMMIT records, group commit, segments, preallocation.
+
+Guarantees (docs/GUARANTEES.md has the full statement):
+
+* Records are written in sequence-number order, and the in-memory state is
+  changed in the same order, under one lock, only after the record's write
+  succeeded.
+* A `sync` commit returns only after an fdatasync that *started after its
+  record was written* has returned. Concurrent committers share one
+  fdatasync (group commit): a leader syncs everything written so far, the
+  others wait for it.
+* A failed write (other than a full disk) or a failed fdatasync poisons the
+  writer: every waiter covered by that sync gets the error, and every later
+  write raises StorePoisonedError. The writer never retries an fsync.
+* A full disk fails only that commit: nothing is applied, the log stays valid.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from . import format as fmt
+from .errors import DiskFullError, StoreClosedError, StorePoisonedError
+from .fileapi import OSFileAPI
+
+SYNC = "sync"
+INTERVAL = "interval"
+NONE = "none"
+DURABILITY_MODES = (SYNC, INTERVAL, NONE)
+
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+@dataclass
+class WriterOptions:
+    """Tunables of the log writer."""
+
+    durability: str = SYNC
+    interval_ms: float = 100.0
+    segment_size: int = 64 << 20
+    preallocate: bool = True
+
+
+@dataclass
+class ActiveSegment:
+    """The segment being appended to."""
+
+    path: str
+    fd: int
+    first_seq: int
+    offset: int
+    """Where the next record goes."""
+    file_size: int
+    """Bytes allocated (pre-written) in the file."""
+
+
+def write_zeros(fs: OSFileAPI, fd: int, start: int, end: int) -> None:
+    """Pre-write zero bytes in [start, end): allocated, zeroed space for later overwrites."""
+    pos = start
+    while pos < end:
+        n = min(len(_ZERO_CHUNK), end - pos)
+        fs.pwrite(fd, memoryview(_ZERO_CHUNK)[:n], pos)
+        pos += n
+
+
+class LogWriter:
+    """Appends records to the active segment; rolls segments; syncs by group commit."""
+
+    def __init__(
+        self,
+        fs: OSFileAPI,
+        directory: str,
+        store_id: bytes,
+        segment: ActiveSegment,
+        last_seq: int,
+        options: WriterOptions,
+    ) -> None:
+        self._fs = fs
+        self._dir = directory
+        self._store_id = store_id
+        self._seg = segment
+        self._opts = options
+        self._cond = threading.Condition(threading.Lock())
+        self._last_seq = last_seq
+        self._written_seq = last_seq
+        self._durable_seq = last_seq
+        self._syncing = False
+        self._poison: Optional[BaseException] = None
+        self._closed = False
+        self.commits = 0
+        self.fsyncs = 0
+        self.rolls = 0
+        self._prealloc_thread: Optional[threading.Thread] = None
+        self._prealloc_ready = False
+        self._flusher: Optional[threading.Thread] = None
+        self._stop_flusher = threading.Event()
+        self._maybe_prealloc()
+        if options.durability == INTERVAL:
+            self._flusher = threading.Thread(target=self._flush_loop, name="walstore-flush", daemon=True)
+            self._flusher.start()
+
+    # ---- state -----------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    @property
+    def durable_seq(self) -> int:
+        return self._durable_seq
+
+    @property
+    def segment(self) -> ActiveSegment:
+        return self._seg
+
+    @property
+    def lock(self) -> threading.Condition:
+        """The writer's lock: held while a record is written and applied."""
+        return self._cond
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise StoreClosedError("the store is closed")
+        if self._poison is not None:
+            raise StorePoisonedError(
+                f"an earlier write or fsync failed ({self._poison}); the store refuses writes"
+                " until it is reopened"
+            ) from self._poison
+
+    def _poison_with(self, exc: BaseException) -> None:
+        if self._poison is None:
+            self._poison = exc
+        self._cond.notify_all()
+
+    # ---- commit ----------------------------------------------------------------
+
+    def commit(self, payload: bytes, apply: Callable[[], None], durability: Optional[str] = None) -> int:
+        """Log `payload` as one COMMIT, then run `apply` under the lock; return its seq.
+
+        `apply` runs only if the record was written; it must not raise. With
+        `sync` durability the call returns after the record is on disk.
+        """
+        mode = durability or self._opts.durability
+        size = fmt.frame_size(len(payload))
+        with self._cond:
+            self._check_usable()
+            if self._seg.offset + size > self._opts.segment_size and self._seg.offset > fmt.FILE_HEADER_SIZE:
+                self._roll()
+            seq = self._last_seq + 1
+            frame = fmt.encode_frame(fmt.REC_COMMIT, seq, self._durable_seq, payload)
+            self._write(frame)
+            self._maybe_prealloc()
+            self._last_seq = seq
+            self._written_seq = seq
+            self.commits += 1
+            try:
+                apply()
+            except BaseException as exc:
+                self._poison_with(exc)
+                raise StorePoisonedError(
+                    f"applying commit {seq} failed after it was logged: {exc!r}; reopen the store"
+                ) from exc
+            if mode == SYNC:
+                self._wait_durable(seq)
+        return seq
+
+    def _write(self, frame: bytes) -> None:
+        """Write `frame` at the segment's offset. ENOSPC: undo and raise; other errors poison."""
+        seg = self._seg
+        try:
+            self._fs.pwrite(seg.fd, frame, seg.offset)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                end = seg.offset + len(frame)
+                if end > seg.file_size:
+                    try:
+                        self._fs.ftruncate(seg.fd, max(seg.file_size, seg.offset))
+                    except OSError as exc2:
+                        self._poison_with(exc2)
+                        raise StorePoisonedError(f"could not undo a write on a full disk: {exc2}") from exc2
+                raise DiskFullError(
+                    exc.errno, f"disk full while writing to {seg.path}; the commit was not made"
+                ) from exc
+            self._poison_with(exc)
+            raise StorePoisonedError(f"write to {seg.path} failed: {exc}; the store refuses writes") from exc
+        seg.offset += len(frame)
+        if seg.offset > seg.file_size:
+            seg.file_size = seg.offset
+
+    def _wait_durable(self, seq: int) -> None:
+        """Block (lock held) until an fdatasync that began after `seq` was written has returned."""
+        while self._durable_seq < seq:
+            if self._poison is not None:
+                self._check_usable()
+            if self._closed:
+                raise StoreClosedError("the store was closed while a commit waited for its sync")
+            if self._syncing:
+                self._cond.wait()
+                continue
+            self._sync_leader()
+
+    def _sync_leader(self) -> None:
+        """Lead one fdatasync covering every record written so far (lock held on entry and exit)."""
+        self._syncing = True
+        target = self._written_seq
+        fd = self._seg.fd
+        error: Optional[OSError] = None
+        self._cond.release()
+        try:
+            try:
+                self._fs.fdatasync(fd)
+            except OSError as exc:
+                error = exc
+        finally:
+            self._cond.acquire()
+            self._syncing = False
+        if error is not None:
+            self._poison_with(error)
+            raise StorePoisonedError(
+                f"fdatasync of {self._seg.path} failed: {error}; commits it covered are not"
+                " acknowledged and the store refuses writes until it is reopened"
+            ) from error
+        self.fsyncs += 1
+        if target > self._durable_seq:
+            self._durable_seq = target
+        self._cond.notify_all()
+
+    def sync(self) -> None:
+        """Make every record written so far durable (group commit with any concurrent syncs)."""
+        with self._cond:
+            self._check_usable()
+            self._wait_durable(self._written_seq)
+
+    def _flush_loop(self) -> None:
+        interval = self._opts.interval_ms / 1000.0
+        while not self._stop_flusher.wait(interval):
+            with self._cond:
+                if self._closed or self._poison is not None:
+                    return
+                if self._written_seq > self._durable_seq and not self._syncing:
+                    try:
+                        self._sync_leader()
+                    except StorePoisonedError:
+                        return
+
+    # ---- segments --------------------------------------------------------------
+
+    def _drain_syncs(self) -> None:
+        while self._syncing:
+            self._cond.wait()
+
+    def _roll(self) -> None:
+        """Seal the active segment and start the next one (lock held).
+
+        Order: fdatasync the old segment; create, fsync and rename the new one
+        and fsync the directory (ENOSPC here leaves the old segment active and
+        nothing changed); then truncate the old segment to its records.
+        """
+        self._drain_syncs()
+        old = self._seg
+        if self._durable_seq < self._written_seq:
+            self._sync_leader()
+        new = create_segment(
+            self._fs,
+            self._dir,
+            self._store_id,
+            self._last_seq + 1,
+            self._last_seq,
+            old.offset,
+            self._opts,
+            prealloc_ready=self._take_prealloc(),
+        )
+        try:
+            self._fs.ftruncate(old.fd, old.offset)
+            self._fs.fsync(old.fd)
+        except OSError as exc:
+            self._poison_with(exc)
+            raise StorePoisonedError(f"sealing {old.path} failed: {exc}") from exc
+        finally:
+            self._fs.close(old.fd)
+            self._seg = new
+        self.rolls += 1
+        self._maybe_prealloc()
+
+    def _take_prealloc(self) -> bool:
+        t = self._prealloc_thread
+        if t is not None:
+            t.join()
+            self._prealloc_thread = None
+        ready = self._prealloc_ready
+        self._prealloc_ready = False
+        return ready
+
+    def _maybe_prealloc(self) -> None:
+        """Start preparing the next segment once the active one is half full."""
+        if (
+            self._opts.preallocate
+            and self._prealloc_thread is None
+            and not self._prealloc_ready
+            and self._seg.offset * 2 >= self._opts.segment_size
+        ):
+            self._start_prealloc()
+
+    def _start_prealloc(self) -> None:
+        if self._prealloc_thread is not None:
+            return
+        self._prealloc_ready = False
+        t = threading.Thread(target=self._prealloc, name="walstore-prealloc", daemon=True)
+        self._prealloc_thread = t
+        t.start()
+
+    def _prealloc(self) -> None:
+        """Prepare prealloc.tmp: segment_size zero bytes, written and fsynced."""
+        path = os.path.join(self._dir, fmt.PREALLOC_NAME)
+        try:
+            fd = self._fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                write_zeros(self._fs, fd, 0, self._opts.segment_size)
+                self._fs.fdatasync(fd)
+            finally:
+                self._fs.close(fd)
+            self._prealloc_ready = True
+        except OSError:
+            # A full disk or an I/O error here only costs the next roll its head start;
+            # the roll itself reports a failure.
+            try:
+                self._fs.unlink(path)
+            except OSError:
+                pass
+
+    # ---- close -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Sync, write a CLOSE record, sync it, and close the segment. Idempotent.
+
+        Two syncs: the CLOSE record's watermark claims every record before it is
+        durable, which is only true once the first sync has returned.
+        """
+        with self._cond:
+            if self._closed:
+                return
+            self._drain_syncs()
+            try:
+                if self._poison is None:
+                    if self._durable_seq < self._written_seq:
+                        self._sync_leader()
+                    frame = fmt.encode_frame(fmt.REC_CLOSE, self._last_seq, self._last_seq, b"")
+                    self._write(frame)
+                    self._sync_leader()
+            finally:
+                self._closed = True
+                self._stop_flusher.set()
+                self._cond.notify_all()
+        if self._flusher is not None:
+            self._flusher.join()
+        self._take_prealloc()
+        self._fs.close(self._seg.fd)
+
+    def abandon(self) -> None:
+        """Close file descriptors without writing anything (tests, poisoned stores)."""
+        with self._cond:
+            self._closed = True
+            self._stop_flusher.set()
+            self._cond.notify_all()
+        if self._flusher is not None:
+            self._flusher.join()
+        self._take_prealloc()
+        try:
+            self._fs.close(self._seg.fd)
+        except OSError:
+            pass
+
+
+def create_segment(
+    fs: OSFileAPI,
+    directory: str,
+    store_id: bytes,
+    first_seq: int,
+    prev_seq: int,
+    prev_size: int,
+    options: WriterOptions,
+    prealloc_ready: bool = False,
+) -> ActiveSegment:
+    """Create segment `first_seq` durably: header (and zeros) written and synced, renamed, dir synced.
+
+    Raises DiskFullError (nothing left behind) when the disk is full.
+    """
+    final = os.path.join(directory, fmt.segment_name(first_seq))
+    header = fmt.FileHeader(fmt.KIND_SEGMENT, store_id, first_seq, prev_seq, prev_size).encode()
+    prealloc_path = os.path.join(directory, fmt.PREALLOC_NAME)
+    tmp = prealloc_path if prealloc_ready else final + fmt.TMP_SUFFIX
+    fd = -1
+    try:
+        if prealloc_ready:
+            fd = fs.open(tmp, os.O_RDWR)
+            size = os.fstat(fd).st_size
+        else:
+            fd = fs.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            size = fmt.FILE_HEADER_SIZE
+            if options.preallocate:
+                write_zeros(fs, fd, fmt.FILE_HEADER_SIZE, options.segment_size)
+                size = max(size, options.segment_size)
+        fs.pwrite(fd, header, 0)
+        fs.fdatasync(fd)
+        fs.rename(tmp, final)
+        fs.fsync_dir(directory)
+    except OSError as exc:
+        if fd >= 0:
+            fs.close(fd)
+        try:
+            if not prealloc_ready:
+                fs.unlink(tmp)
+        except OSError:
+            pass
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(exc.errno, f"disk full creating segment {final}; the commit was not made") from exc
+        raise
+    return ActiveSegment(final, fd, first_seq, fmt.FILE_HEADER_SIZE, size)
