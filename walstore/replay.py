@@ -18,6 +18,7 @@ from typing import Callable, Optional, Protocol
 from . import format as fmt
 from . import reader
 from .errors import CorruptionError, FormatVersionError, NotAStoreError
+from .failpoints import hit
 from .fileapi import OSFileAPI
 
 try:  # the C scanner, when built (walstore.native decides about WALSTORE_PURE)
@@ -290,12 +291,14 @@ def cut_torn_tail(fs: OSFileAPI, directory: str, torn: TornTail, action: str = "
         "note": "bytes past the durable point: never acknowledged by a sync commit",
     }
     saved = quarantine_bytes(fs, directory, torn.path, torn.offset, data, report)
+    hit("recovery.after_quarantine")
     fd = fs.open(torn.path, os.O_RDWR)
     try:
         fs.pwrite(fd, bytes(len(data)), torn.offset)
         fs.fdatasync(fd)
     finally:
         fs.close(fd)
+    hit("recovery.after_cut")
     return saved
 
 

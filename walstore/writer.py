@@ -25,6 +25,7 @@ from typing import Callable, Optional
 
 from . import format as fmt
 from .errors import DiskFullError, StoreClosedError, StorePoisonedError
+from .failpoints import hit
 from .fileapi import OSFileAPI
 
 SYNC = "sync"
@@ -152,7 +153,9 @@ class LogWriter:
                 self._roll()
             seq = self._last_seq + 1
             frame = fmt.encode_frame(fmt.REC_COMMIT, seq, self._durable_seq, payload)
+            hit("commit.before_write")
             self._write(frame)
+            hit("commit.after_write")
             self._maybe_prealloc()
             self._last_seq = seq
             self._written_seq = seq
@@ -164,8 +167,10 @@ class LogWriter:
                 raise StorePoisonedError(
                     f"applying commit {seq} failed after it was logged: {exc!r}; reopen the store"
                 ) from exc
+            hit("commit.after_apply")
             if mode == SYNC:
                 self._wait_durable(seq)
+                hit("commit.after_sync")
         return seq
 
     def _write(self, frame: bytes) -> None:
@@ -264,6 +269,7 @@ class LogWriter:
         old = self._seg
         if self._durable_seq < self._written_seq:
             self._sync_leader()
+        hit("roll.after_sync_old")
         new = create_segment(
             self._fs,
             self._dir,
@@ -274,6 +280,7 @@ class LogWriter:
             self._opts,
             prealloc_ready=self._take_prealloc(),
         )
+        hit("roll.after_create")
         try:
             self._fs.ftruncate(old.fd, old.offset)
             self._fs.fsync(old.fd)
@@ -348,8 +355,10 @@ class LogWriter:
                 if self._poison is None:
                     if self._durable_seq < self._written_seq:
                         self._sync_leader()
+                    hit("close.after_sync")
                     frame = fmt.encode_frame(fmt.REC_CLOSE, self._last_seq, self._last_seq, b"")
                     self._write(frame)
+                    hit("close.after_close_record")
                     self._sync_leader()
             finally:
                 self._closed = True
