@@ -186,10 +186,10 @@ class LogCore:
                     f"store {self.path!r} was created with codec {self.identity.codec!r},"
                     f" not {codec_name!r}; open it with codec={self.identity.codec!r}"
                 )
-            self._remove_leftovers()
             self.replayer = replayer_factory(self.identity)
             self._buffers: list[reader.Buffer] = []
             state = replay.inspect_log(self.path, self.identity.store_id, 0, self.replayer, self._buffers)
+            self._remove_leftovers()  # only once the log is known good: a refused open changes nothing
             quarantined = None
             if state.torn is not None:
                 quarantined = replay.cut_torn_tail(self.fs, self.path, state.torn)

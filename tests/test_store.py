@@ -1,0 +1,224 @@
+"""The key-value store's API: dict behaviour, transactions, types, errors, reopen."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+import walstore
+from walstore import format as fmt
+
+
+def reopen(path: Path, **kw: object) -> walstore.Store:
+    return walstore.open(path, segment_size=1 << 16, **kw)  # type: ignore[arg-type]
+
+
+def test_dict_interface_survives_reopen(tmp_path: Path, backend: str) -> None:
+    path = tmp_path / "db"
+    with reopen(path) as db:
+        db["user:1"] = {"name": "Ada"}
+        db[b"raw"] = b"\x00\xff"
+        db["text"] = "héllo"
+        db["n"] = 42
+        db["gone"] = 1
+        del db["gone"]
+        assert db.delete("never") is False
+        assert len(db) == 4
+        assert sorted(map(repr, db)) == sorted(map(repr, ["user:1", b"raw", "text", "n"]))
+        assert "n" in db and "gone" not in db
+    with reopen(path) as db:
+        assert db.recovery.backend == backend
+        assert db.recovery.closed_cleanly
+        assert db.to_dict() == {"user:1": {"name": "Ada"}, b"raw": b"\x00\xff", "text": "héllo", "n": 42}
+        assert db.get("missing", 7) == 7
+
+
+def test_str_and_bytes_keys_are_distinct(tmp_path: Path, backend: str) -> None:
+    with reopen(tmp_path / "db") as db:
+        db["a"] = 1
+        db[b"a"] = 2
+    with reopen(tmp_path / "db") as db:
+        assert db["a"] == 1 and db[b"a"] == 2
+
+
+def test_value_read_now_equals_value_after_reopen(tmp_path: Path, backend: str) -> None:
+    with reopen(tmp_path / "db") as db:
+        db["t"] = (1, 2)  # JSON: a tuple comes back as a list, now and after reopen
+        assert db["t"] == [1, 2]
+    with reopen(tmp_path / "db") as db:
+        assert db["t"] == [1, 2]
+
+
+def test_transaction_is_one_record_all_or_nothing(tmp_path: Path, backend: str) -> None:
+    path = tmp_path / "db"
+    with reopen(path) as db:
+        db["b"] = 0
+        before = db.last_seq
+        with db.transaction() as tx:
+            tx["a"] = 1
+            del tx["b"]
+            assert tx["a"] == 1 and "b" not in tx and "b" in db
+        assert db.last_seq == before + 1
+        with pytest.raises(RuntimeError):
+            with db.transaction() as tx:
+                tx["c"] = 3
+                raise RuntimeError("abort")
+        assert "c" not in db
+        assert db.last_seq == before + 1
+        with db.transaction():
+            pass  # empty: no record
+        assert db.last_seq == before + 1
+    with reopen(path) as db:
+        assert db.to_dict() == {"a": 1}
+
+
+def test_transaction_used_after_block_raises(tmp_path: Path) -> None:
+    with reopen(tmp_path / "db") as db:
+        with db.transaction() as tx:
+            tx["a"] = 1
+        with pytest.raises(walstore.TransactionClosedError):
+            tx["b"] = 2
+        with pytest.raises(walstore.TransactionClosedError):
+            tx["a"]
+
+
+def test_wrong_types_and_unencodable_values_write_nothing(tmp_path: Path) -> None:
+    with reopen(tmp_path / "db") as db:
+        seq = db.last_seq
+        with pytest.raises(walstore.KeyTypeError):
+            db[1] = "x"  # type: ignore[index]
+        with pytest.raises(walstore.CodecError):
+            db["k"] = object()
+        with pytest.raises(walstore.CodecError):
+            db["nan"] = float("nan")
+        with pytest.raises(walstore.CodecError):
+            with db.transaction() as tx:
+                tx["ok"] = 1
+                tx["bad"] = {1, 2}
+        assert db.last_seq == seq and len(db) == 0
+
+
+def test_closed_store_raises(tmp_path: Path) -> None:
+    db = reopen(tmp_path / "db")
+    db["a"] = 1
+    db.close()
+    db.close()  # idempotent
+    for action in (lambda: db["a"], lambda: db.__setitem__("a", 2), db.sync, lambda: len(db),
+                   db.transaction):
+        with pytest.raises(walstore.StoreClosedError):
+            action()
+
+
+def test_second_opener_gets_lock_error_naming_pid(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with reopen(path):
+        with pytest.raises(walstore.StoreLockedError) as err:
+            reopen(path)
+        assert str(os.getpid()) in str(err.value) and str(path) in str(err.value)
+        code = (
+            "import walstore,sys\n"
+            "try:\n walstore.open(sys.argv[1])\nexcept walstore.StoreLockedError as e:\n"
+            " print(e); sys.exit(3)\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+        assert out.returncode == 3, out.stderr
+        assert f"process {os.getpid()}" in out.stdout
+
+
+def test_pickle_codec_by_name_and_codec_mismatch_refused(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with walstore.open(path, codec="pickle") as db:
+        db["s"] = {1, 2}
+    with pytest.raises(walstore.WalstoreError, match="codec 'pickle'"):
+        walstore.open(path)
+    with walstore.open(path, codec="pickle") as db:
+        assert db["s"] == {1, 2}
+
+
+def test_directory_that_is_not_a_store_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(walstore.NotAStoreError):
+        walstore.open(tmp_path / "other")
+    with pytest.raises(walstore.NotAStoreError):
+        walstore.open(tmp_path / "missing", create=False)
+
+
+def test_newer_format_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with reopen(path) as db:
+        db["a"] = 1
+    seg = sorted(path.glob("seg-*.wal"))[0]
+    data = bytearray(seg.read_bytes())
+    data[8:10] = (fmt.FORMAT_VERSION + 1).to_bytes(2, "little")
+    data[60:64] = fmt.crc(bytes(data[:60])).to_bytes(4, "little")
+    seg.write_bytes(bytes(data))
+    with pytest.raises(walstore.FormatVersionError, match="newer walstore"):
+        reopen(path)
+
+
+def test_segments_roll_and_chain(tmp_path: Path, backend: str) -> None:
+    path = tmp_path / "db"
+    with walstore.open(path, segment_size=4096) as db:
+        for i in range(300):
+            db[f"k{i}"] = "v" * 40
+        assert db.stats()["segment_rolls"] > 3
+    segs = sorted(path.glob("seg-*.wal"))
+    assert len(segs) > 3
+    for a, b in zip(segs, segs[1:]):
+        hb = fmt.decode_file_header(b.read_bytes()[:64])
+        assert hb.prev_size == a.stat().st_size  # sealed segments are truncated to their records
+    with walstore.open(path, segment_size=4096) as db:
+        assert len(db) == 300 and db["k299"] == "v" * 40
+
+
+@pytest.mark.parametrize("mode", ["sync", "interval", "none"])
+def test_durability_modes_roundtrip(tmp_path: Path, mode: str, backend: str) -> None:
+    path = tmp_path / "db"
+    with walstore.open(path, durability=mode, interval_ms=5) as db:
+        for i in range(50):
+            db[f"k{i}"] = i
+        db.put("forced", 1, durability="sync")
+        with db.transaction(durability="sync") as tx:
+            tx["t"] = 1
+        db.sync()
+        assert db.stats()["durable_seq"] == db.last_seq
+    with walstore.open(path) as db:
+        assert len(db) == 52
+
+
+def test_group_commit_shares_fsyncs(tmp_path: Path) -> None:
+    """Eight threads committing at once need fewer fsyncs than commits (no timing involved)."""
+    path = tmp_path / "db"
+    barrier = threading.Barrier(8)
+    with walstore.open(path) as db:
+        def work(t: int) -> None:
+            barrier.wait()
+            for i in range(100):
+                db[f"{t}:{i}"] = i
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stats = db.stats()
+        assert stats["commits"] == 800
+        assert stats["fsyncs"] < stats["commits"]
+        assert stats["durable_seq"] == stats["last_seq"] == 800
+    with walstore.open(path) as db:
+        assert len(db) == 800
+
+
+def test_iteration_is_safe_while_writing(tmp_path: Path) -> None:
+    with walstore.open(tmp_path / "db", durability="none") as db:
+        for i in range(100):
+            db[str(i)] = i
+        for k in db:
+            db[k + "x"] = 1
+        assert len(db) == 200
