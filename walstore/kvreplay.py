@@ -1,77 +1,160 @@
 """Last-writer-wins replay of key-value operations: the pure-Python reference.
 
-`PyKVReplayer` is exact and is what the C `KVReplayer` must agree with.
-Records in the ranges given are assumed already scanned and valid; each
-COMMIT applies whole, so a transaction is all or nothing.
+`PyKVReplayer` is exact and is what the C `native.KVReplayer` must agree with,
+on results (the same dict, in the same order) and on errors. A key is
+(key bytes, key-is-str flag): PUT sets it, DELETE removes it. Records in the
+ranges given are assumed already scanned; their framing is still checked,
+so a wrong range raises ReplayError instead of misreading.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+import mmap
+import struct
+from collections.abc import Callable
+from typing import Any, NoReturn, Protocol, Union
 
 from . import format as fmt
 from .errors import ReplayError
 
-Buffer = Union[bytes, bytearray, memoryview]
-_FRAME = fmt.FRAME_HEADER
-_OPH = fmt.OP_HEADER
+Buffer = Union[bytes, bytearray, memoryview, mmap.mmap]
+"""Anything exposing contiguous bytes; a mapped segment file is the usual one."""
+
+# Error codes, as _native/kvreplay.h's WS_KV_* (tests/test_format_agreement.py checks).
+KV_ERANGE = 1
+KV_EFRAME = 2
+KV_ETYPE = 3
+KV_EOPS = 4
+KV_ECALL = 5
+KV_ENOMEM = 6
+KV_EFAILED = 100  # Python only: the replayer raised before and must be replaced
+_MESSAGES = {
+    KV_EFRAME: "a record frame runs past the end of the range",
+    KV_ETYPE: "a record type that carries no key-value operations",
+    KV_EOPS: "the operations do not fill the payload exactly",
+    KV_ECALL: "a CALL operation in a key-value store's log",
+}
+
+VALUE_STR_FLAG = fmt.VALUE_STR << fmt.VALUE_KIND_SHIFT
+VALUE_CODEC_FLAG = fmt.VALUE_CODEC << fmt.VALUE_KIND_SHIFT
+_FLAG_BITS = fmt.KEY_STR | fmt.VALUE_KIND_MASK
 _HS = fmt.FRAME_HEADER_SIZE
 _OHS = fmt.OP_HEADER_SIZE
-_VALUE_STR = fmt.VALUE_STR << fmt.VALUE_KIND_SHIFT
-_VALUE_CODEC = fmt.VALUE_CODEC << fmt.VALUE_KIND_SHIFT
+_LEN_TYPE = struct.Struct("<IB")  # frame length and type, at frame offset 4
+_OPH = fmt.OP_HEADER
+
+
+def kv_error(code: int, offset: int, note: str = "") -> Exception:
+    """The exception for a replay error code (shared by both replayers, so they raise alike)."""
+    if code == KV_ERANGE:
+        return ValueError(f"apply_range: {note}")
+    if code == KV_ENOMEM:
+        return MemoryError("the replay table is out of memory")
+    if code == KV_EFAILED:
+        return ReplayError("this replayer raised before; make a new one")
+    return ReplayError(f"record at offset {offset}: {_MESSAGES.get(code, f'error {code}')}")
+
+
+class KVReplayerLike(Protocol):
+    """What `make_kv_replayer` returns."""
+
+    def apply_range(self, buf: Buffer, start: int, end: int) -> None: ...
+
+    def finish(self, decode: Callable[[bytes], Any]) -> dict[Any, Any]: ...
 
 
 class PyKVReplayer:
-    """Applies PUT/DELETE operations of records, in order, to a dict of raw entries."""
+    """Applies the PUT/DELETE operations of records, in order, to a dict of raw entries."""
 
     def __init__(self) -> None:
         self._raw: dict[tuple[bytes, int], tuple[bytes, int]] = {}
+        self._failed = False
 
     def apply_range(self, buf: Buffer, start: int, end: int) -> None:
-        """Apply the records in [start, end) of `buf` (COMMIT and SNAPSHOT_DATA carry operations)."""
+        """Apply the records in [start, end): COMMIT and SNAPSHOT_DATA carry operations,
+        CLOSE and SNAPSHOT_END none; anything else, a CALL, or bad framing raises ReplayError
+        (the operations before it are applied; the replayer is then unusable)."""
+        if self._failed:
+            raise kv_error(KV_EFAILED, 0)
         mv = memoryview(buf)
-        raw = self._raw
+        if not (mv.itemsize == 1 and mv.ndim == 1 and mv.c_contiguous):
+            mv = mv.cast("B")
+        size = mv.nbytes
+        if not (0 <= start <= end <= size):
+            self._failed = True
+            raise kv_error(KV_ERANGE, start, f"range [{start}, {end}) of a {size}-byte buffer")
         off = start
         while off < end:
-            length, rtype = _FRAME.unpack_from(mv, off + 4)[:2]
-            pos = off + _HS
-            off = pos + fmt.padded(length)
-            if rtype != fmt.REC_COMMIT and rtype != fmt.REC_SNAPSHOT_DATA:
-                continue
-            stop = pos + length
-            while pos < stop:
-                op, flags, _r, klen, vlen = _OPH.unpack_from(mv, pos)
-                pos += _OHS
-                key = (bytes(mv[pos : pos + klen]), flags & fmt.KEY_STR)
-                pos += klen
-                if op == fmt.OP_PUT:
-                    raw[key] = (bytes(mv[pos : pos + vlen]), flags & fmt.VALUE_KIND_MASK)
-                elif op == fmt.OP_DELETE:
-                    raw.pop(key, None)
-                else:
-                    raise ReplayError("a CALL operation in a key-value store's log")
-                pos += vlen
+            if end - off < _HS:
+                self._fail(KV_EFRAME, off)
+            length, rtype = _LEN_TYPE.unpack_from(mv, off + 4)
+            padded = fmt.padded(length)
+            if length > fmt.MAX_PAYLOAD or padded > end - off - _HS:
+                self._fail(KV_EFRAME, off)
+            if rtype == fmt.REC_COMMIT or rtype == fmt.REC_SNAPSHOT_DATA:
+                code = self._apply_ops(mv, off + _HS, off + _HS + length)
+                if code:
+                    self._fail(code, off)
+            elif rtype != fmt.REC_CLOSE and rtype != fmt.REC_SNAPSHOT_END:
+                self._fail(KV_ETYPE, off)
+            off += _HS + padded
+
+    def _apply_ops(self, mv: memoryview, pos: int, stop: int) -> int:
+        """Apply one payload's operations (reader.check_ops' checks); 0 or an error code."""
+        raw = self._raw
+        while pos < stop:
+            if stop - pos < _OHS:
+                return KV_EOPS
+            op, flags, reserved, klen, vlen = _OPH.unpack_from(mv, pos)
+            if op < fmt.OP_PUT or op > fmt.OP_CALL or reserved:
+                return KV_EOPS
+            if flags & ~_FLAG_BITS or (flags >> fmt.VALUE_KIND_SHIFT) & 3 == 3:
+                return KV_EOPS
+            pos += _OHS
+            if klen > stop - pos or vlen > stop - pos - klen:
+                return KV_EOPS
+            if op == fmt.OP_CALL:
+                return KV_ECALL
+            key = (bytes(mv[pos : pos + klen]), flags & fmt.KEY_STR)
+            pos += klen
+            if op == fmt.OP_PUT:
+                raw[key] = (bytes(mv[pos : pos + vlen]), flags & fmt.VALUE_KIND_MASK)
+            else:
+                raw.pop(key, None)
+            pos += vlen
+        return 0
+
+    def _fail(self, code: int, offset: int) -> NoReturn:
+        self._failed = True
+        raise kv_error(code, offset)
+
+    def __len__(self) -> int:
+        return len(self._raw)
 
     def finish(self, decode: Callable[[bytes], Any]) -> dict[Any, Any]:
-        """The state: str keys for text keys, bytes/str/decoded values by kind."""
+        """The state as a dict, in dict order of first PUT (a PUT after a DELETE goes last):
+        str keys for text keys, else bytes; bytes, str or decode(bytes) values by kind.
+        Resets the replayer, also when a key or value fails to decode."""
+        if self._failed:
+            raise kv_error(KV_EFAILED, 0)
+        raw, self._raw = self._raw, {}
         out: dict[Any, Any] = {}
-        for (kb, kstr), (vb, vkind) in self._raw.items():
+        for (kb, kstr), (vb, vkind) in raw.items():
             key = kb.decode("utf-8") if kstr else kb
-            if vkind == 0:
-                out[key] = vb
-            elif vkind == _VALUE_STR:
+            if vkind == VALUE_STR_FLAG:
                 out[key] = vb.decode("utf-8")
-            else:
+            elif vkind == VALUE_CODEC_FLAG:
                 out[key] = decode(vb)
-        self._raw = {}
+            else:
+                out[key] = vb
         return out
 
 
-def make_kv_replayer() -> Any:
-    """The C replayer when the native module is available, else PyKVReplayer."""
+def make_kv_replayer() -> KVReplayerLike:
+    """The C replayer when `native.AVAILABLE`, else PyKVReplayer."""
     try:
         from . import native
-    except ImportError:
+    except ImportError:  # pragma: no cover - native.py imports without the compiled module
         return PyKVReplayer()
     if native.AVAILABLE:
         return native.KVReplayer()

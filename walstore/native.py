@@ -1,0 +1,249 @@
+"""The C replayer (`walstore._walstore_native`, built by `_native/_ffi_build.py`).
+
+Guarantees: `scan_records` returns the same ScanResult as
+`walstore.reader.scan_records` (the `detail` wording included) on any input;
+`KVReplayer` builds the same dict, in the same order, as
+`walstore.kvreplay.PyKVReplayer`; `crc32c` equals the `crc32c` package.
+`AVAILABLE` is true when the module is built and `WALSTORE_PURE` is not "1";
+the functions here work whenever the module is built (`BUILT`).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from . import reader
+from .kvreplay import KV_EFAILED, VALUE_CODEC_FLAG, VALUE_STR_FLAG, Buffer, kv_error
+from .reader import ScanResult
+
+try:
+    from ._walstore_native import ffi as _ffi
+    from ._walstore_native import lib as _lib
+except ImportError:  # no compiler at install time: the pure-Python replayer is used
+    _ffi = None
+    _lib = None
+
+BUILT: bool = _lib is not None
+"""The compiled module imported."""
+AVAILABLE: bool = BUILT and os.environ.get("WALSTORE_PURE") != "1"
+"""The C replayer is in use: built, and not turned off by WALSTORE_PURE=1."""
+
+_U64 = 1 << 64
+_U32 = 1 << 32
+_RUN = 5  # WS_KV_RUN_FIELDS: blob offset, count, key length, value length, op flags
+_ITER_UNPACK_MIN = 4  # runs at least this long are split by struct.iter_unpack
+
+
+def backend() -> str:
+    """Which replayer this process uses: "c" or "python"."""
+    return "c" if AVAILABLE else "python"
+
+
+def _require() -> Any:
+    if _lib is None:
+        raise RuntimeError("walstore's C replayer is not built (no C compiler at install time?)")
+    return _lib
+
+
+def crc32c(data: Buffer, value: int = 0) -> int:
+    """CRC32C of `data` continuing from `value`, with the CPU's CRC instructions when it has them."""
+    lib = _require()
+    with _ffi.from_buffer(data) as cbuf:
+        return int(lib.ws_crc32c(value & 0xFFFFFFFF, cbuf, len(cbuf)))
+
+
+def crc32c_table(data: Buffer, value: int = 0) -> int:
+    """CRC32C by the portable table path, whatever the CPU (for tests)."""
+    lib = _require()
+    with _ffi.from_buffer(data) as cbuf:
+        return int(lib.ws_crc32c_table(value & 0xFFFFFFFF, cbuf, len(cbuf)))
+
+
+def crc32c_impl() -> str:
+    """The CRC32C implementation in use: "sse4.2", "armv8-crc" or "table"."""
+    return str(_ffi.string(_require().ws_crc32c_impl()).decode())
+
+
+def _is_bytes_buffer(mv: memoryview) -> bool:
+    return mv.itemsize == 1 and mv.ndim == 1 and mv.c_contiguous
+
+
+def scan_records(
+    buf: Buffer, start: int, first_seq: int, type_mask: int = reader.SEGMENT_TYPES
+) -> ScanResult:
+    """`reader.scan_records` (without the callback) in C: the same result on any input.
+
+    Arguments outside what C represents (negative or past-the-end `start`,
+    `first_seq` outside u64, `type_mask` outside u32, a buffer that is not
+    flat bytes) are handed to the Python reference, so the result is still equal.
+    """
+    lib = _require()
+    mv = memoryview(buf)
+    size = mv.nbytes
+    if not (_is_bytes_buffer(mv) and 0 <= start <= size and 0 <= first_seq < _U64 and 0 <= type_mask < _U32):
+        return reader.scan_records(mv, start, first_seq, type_mask)
+    out = _ffi.new("ws_scan_result *")
+    with _ffi.from_buffer("uint8_t[]", mv) as cbuf:
+        lib.ws_scan_records(cbuf, size, start, first_seq, type_mask, out)
+    last_seq = out.last_commit if out.have_commit else first_seq - 1
+    damage = None
+    detail = ""
+    if out.damage:
+        damage = _ffi.string(lib.ws_damage_name(out.damage)).decode()
+        detail = _detail(out.detail, out.detail_a, out.detail_b, last_seq, first_seq)
+    return ScanResult(
+        end=out.end,
+        last_seq=last_seq,
+        max_durable=out.max_durable,
+        records=out.records,
+        closed=bool(out.closed),
+        damage=damage,
+        detail=detail,
+        resync_max_durable=out.resync_max_durable,
+        resync_records=out.resync_records,
+        data_end=out.data_end,
+    )
+
+
+def _detail(code: int, a: int, b: int, last_seq: int, first_seq: int) -> str:
+    """reader.scan_records' wording of a damage detail, from the C scanner's code."""
+    lib = _lib
+    if code == lib.WS_DETAIL_COMMIT_SEQ:
+        return f"sequence number {a}, expected {last_seq + 1}"
+    if code == lib.WS_DETAIL_COMMIT_WATERMARK:
+        return f"watermark {a} not below {b}"
+    if code == lib.WS_DETAIL_CLOSE_SEQ:
+        return f"close record carries {a}, expected {last_seq}"
+    if code == lib.WS_DETAIL_CLOSE_WATERMARK:
+        return f"close watermark {a} != {b}"
+    if code == lib.WS_DETAIL_SNAPSHOT_SEQ:
+        return f"snapshot record carries {a}/{b}, expected {first_seq}"
+    if code == lib.WS_DETAIL_OPS_CUT_SHORT:
+        return "operation header cut short"
+    if code == lib.WS_DETAIL_OPS_BAD_OP:
+        return f"bad operation at payload offset {a}"
+    if code == lib.WS_DETAIL_OPS_BAD_FLAGS:
+        return f"bad operation flags at payload offset {a}"
+    if code == lib.WS_DETAIL_OPS_LENGTHS:
+        return f"operation lengths run past the payload at offset {a}"
+    if code == lib.WS_DETAIL_SNAPSHOT_END_SIZE:
+        return "snapshot end record of the wrong size"
+    return ""
+
+
+class KVReplayer:
+    """Last-writer-wins KV replay in C; the same contract as `kvreplay.PyKVReplayer`.
+
+    The C table points into the buffers given to `apply_range`: they stay
+    exported (an mmap cannot be closed, a bytearray not resized) until
+    `finish` returns or raises, or `apply_range` raises.
+    """
+
+    def __init__(self) -> None:
+        _require()
+        self._kv: Any = _new_table()
+        self._buffers: list[Any] = []
+        self._failed = False
+
+    def apply_range(self, buf: Buffer, start: int, end: int) -> None:
+        """Apply the records in [start, end) of an already-scanned buffer; raise ReplayError on misuse."""
+        if self._failed:
+            raise kv_error(KV_EFAILED, 0)
+        mv = memoryview(buf)
+        if not _is_bytes_buffer(mv):
+            mv = mv.cast("B")
+        size = mv.nbytes
+        if not (0 <= start <= end <= size):
+            self._fail()
+            raise kv_error(_lib.WS_KV_ERANGE, start, f"range [{start}, {end}) of a {size}-byte buffer")
+        cbuf = _ffi.from_buffer("uint8_t[]", mv)
+        self._buffers.append(cbuf)
+        err = _ffi.new("uint64_t *")
+        rc = _lib.ws_kv_apply_range(self._kv, cbuf, size, start, end, err)
+        if rc:
+            self._fail()
+            raise kv_error(rc, err[0], "")
+
+    def __len__(self) -> int:
+        return int(_lib.ws_kv_len(self._kv))
+
+    def finish(self, decode: Callable[[bytes], Any]) -> dict[Any, Any]:
+        """The state as a dict (str keys for text keys; bytes, str or decode(bytes) values), then reset."""
+        if self._failed:
+            raise kv_error(KV_EFAILED, 0)
+        try:
+            return self._build(decode)
+        finally:
+            self._release()
+            _ffi.release(self._kv)
+            self._kv = _new_table()
+
+    def _build(self, decode: Callable[[bytes], Any]) -> dict[Any, Any]:
+        sizes = _ffi.new("uint64_t[2]")
+        _lib.ws_kv_export_sizes(self._kv, sizes, sizes + 1)
+        blob_size, n_runs = int(sizes[0]), int(sizes[1])
+        blob = _new_raw("uint8_t[]", max(blob_size, 1))
+        runs = _new_raw("uint64_t[]", max(n_runs * _RUN, 1))
+        if _lib.ws_kv_export(self._kv, blob, blob_size, runs, n_runs) != n_runs:  # pragma: no cover
+            raise RuntimeError("ws_kv_export: inconsistent sizes")
+        self._release()  # every key and value is in `blob` now
+        data = memoryview(_ffi.buffer(blob, blob_size))
+        out: dict[Any, Any] = {}
+        table = _ffi.unpack(runs, n_runs * _RUN)
+        for i in range(0, n_runs * _RUN, _RUN):
+            at, count, klen, vlen, flags = table[i : i + _RUN]
+            width = klen + vlen
+            if count >= _ITER_UNPACK_MIN and width:
+                pairs: Any = struct.iter_unpack(f"{klen}s{vlen}s", data[at : at + count * width])
+            else:
+                pairs = (
+                    [
+                        (bytes(data[o : o + klen]), bytes(data[o + klen : o + width]))
+                        for o in range(at, at + count * width, width)
+                    ]
+                    if width
+                    else [(b"", b"")] * count
+                )
+            if flags == 0:
+                out.update(pairs)
+                continue
+            key_str = flags & 1
+            kind = flags & (VALUE_STR_FLAG | VALUE_CODEC_FLAG)
+            for kb, vb in pairs:
+                key = kb.decode("utf-8") if key_str else kb
+                if kind == VALUE_STR_FLAG:
+                    out[key] = vb.decode("utf-8")
+                elif kind == VALUE_CODEC_FLAG:
+                    out[key] = decode(vb)
+                else:
+                    out[key] = vb
+        return out
+
+    def _fail(self) -> None:
+        self._failed = True
+        self._release()
+
+    def _release(self) -> None:
+        """Stop pointing into the callers' buffers (so an mmap can be closed)."""
+        for cbuf in self._buffers:
+            _ffi.release(cbuf)
+        self._buffers = []
+
+
+def _new_table() -> Any:
+    """A new C table with a random hash seed, freed when garbage."""
+    kv = _lib.ws_kv_new(int.from_bytes(os.urandom(8), "little"))
+    if kv == _ffi.NULL:
+        raise MemoryError("cannot allocate the replay table")
+    return _ffi.gc(kv, _lib.ws_kv_free)
+
+
+def _new_raw(cdecl: str, n: int) -> Any:
+    """An uninitialised C array (ffi.new would zero it first)."""
+    return _new_uninit(cdecl, n)
+
+
+_new_uninit: Any = _ffi.new_allocator(should_clear_after_alloc=False) if _ffi is not None else None
