@@ -1,0 +1,121 @@
+/* libFuzzer target: scan + KV replay + CRC32C on arbitrary bytes.
+ *
+ * Input: 8 control bytes, then the "file". Control byte 0 picks the type
+ * mask, 1 the first sequence number, 2 the start offset, 3 the hash seed,
+ * 4 bit 0 asks for CRC fix-up (every frame from `start` gets a correct CRC,
+ * so the fuzzer gets past the CRC check to the type, number, payload and KV
+ * logic). The file is copied to a heap block of its exact size, so
+ * AddressSanitizer catches any read past the end.
+ *
+ * Beyond memory safety it checks invariants and aborts on a violation:
+ * the result's offsets are in range, and every record the scanner accepts
+ * replays without a framing or operation error.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "crc32c.h"
+#include "kvreplay.h"
+#include "le.h"
+#include "scan.h"
+#include "walstore_format.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+#define CHECK(cond)                                                                                    \
+    do {                                                                                               \
+        if (!(cond))                                                                                   \
+            abort();                                                                                   \
+    } while (0)
+
+/* Give each frame from `off` a correct CRC, as far as lengths allow. */
+static void fix_crcs(uint8_t *buf, size_t size, size_t off)
+{
+    while (off <= size && size - off >= WS_FRAME_HEADER_SIZE) {
+        uint64_t padlen = WS_PADDED((uint64_t)ws_le32(buf + off + 4));
+        uint32_t crc;
+        if (padlen > size - off - WS_FRAME_HEADER_SIZE)
+            return;
+        crc = ws_crc32c(0, buf + off + 4, (size_t)(WS_FRAME_HEADER_SIZE - 4 + padlen));
+        memcpy(buf + off, &crc, 4); /* little-endian hosts only; fuzzing runs on x86-64 and aarch64 */
+        off += WS_FRAME_HEADER_SIZE + (size_t)padlen;
+    }
+}
+
+static void replay(const uint8_t *buf, size_t size, size_t start, size_t end, uint64_t seed, int scanned,
+                   uint32_t mask)
+{
+    ws_kv *kv = ws_kv_new(seed);
+    uint64_t err = 0, blob_bytes = 0, runs = 0, counted = 0;
+    uint8_t *blob;
+    uint64_t *table;
+    int rc;
+    if (!kv)
+        return;
+    rc = ws_kv_apply_range(kv, buf, size, start, end, &err);
+    if (scanned && (mask == WS_SEGMENT_TYPES || mask == WS_SNAPSHOT_TYPES))
+        CHECK(rc == WS_KV_OK || rc == WS_KV_ECALL); /* accepted records always frame */
+    CHECK(rc == WS_KV_OK || err < size || err == start);
+    ws_kv_export_sizes(kv, &blob_bytes, &runs);
+    CHECK(blob_bytes <= (uint64_t)size * 2 + 1 && runs <= ws_kv_len(kv));
+    blob = malloc(blob_bytes ? blob_bytes : 1);
+    table = malloc((runs ? runs : 1) * WS_KV_RUN_FIELDS * sizeof *table);
+    if (blob && table) {
+        CHECK(ws_kv_export(kv, blob, blob_bytes, table, runs) == (int64_t)runs);
+        for (uint64_t i = 0; i < runs; i++) {
+            const uint64_t *run = table + i * WS_KV_RUN_FIELDS;
+            CHECK(run[0] + run[1] * (run[2] + run[3]) <= blob_bytes);
+            counted += run[1];
+        }
+        CHECK(counted == ws_kv_len(kv));
+        if (runs)
+            CHECK(ws_kv_export(kv, blob, blob_bytes, table, runs - 1) == -1);
+    }
+    free(blob);
+    free(table);
+    ws_kv_free(kv);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    static const uint32_t masks[4] = {WS_SEGMENT_TYPES, WS_SNAPSHOT_TYPES, WS_IDENTITY_TYPES, 0xFFFFFFFFu};
+    uint8_t ctl[8] = {0};
+    size_t n = size < 8 ? size : 8, start;
+    uint32_t mask;
+    uint64_t first_seq;
+    uint8_t *buf;
+    ws_scan_result r;
+
+    memcpy(ctl, data, n);
+    data += n;
+    size -= n;
+    buf = malloc(size ? size : 1);
+    if (!buf)
+        return 0;
+    if (size)
+        memcpy(buf, data, size);
+    mask = masks[ctl[0] & 3];
+    first_seq = ctl[1] == 255 ? UINT64_MAX : ctl[1] == 254 ? 0 : ctl[1];
+    start = (size_t)ctl[2] * 8 % (size + 17);
+    if (ctl[4] & 1)
+        fix_crcs(buf, size, start);
+
+    CHECK(ws_crc32c(ctl[5], buf, size) == ws_crc32c_table(ctl[5], buf, size));
+
+    ws_scan_records(buf, size, start, first_seq, mask, &r);
+    CHECK(r.end >= start);
+    if (start <= size) {
+        CHECK(r.end <= size && r.data_end <= size && r.data_end >= r.end);
+    }
+    CHECK((r.damage == WS_DAMAGE_NONE) == (ws_damage_name(r.damage) == NULL));
+    if (r.damage == WS_DAMAGE_NONE)
+        CHECK(r.data_end == r.end && r.resync_records == 0);
+    else
+        CHECK(r.end < size);
+    if (start <= size)
+        replay(buf, size, start, (size_t)r.end, ctl[3], 1, mask);
+    replay(buf, size, start <= size ? start : size, size, ctl[3], 0, mask);
+    free(buf);
+    return 0;
+}
