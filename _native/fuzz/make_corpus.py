@@ -29,7 +29,8 @@ def segment(rng: random.Random, n: int, close: bool) -> bytes:
         for _ in range(rng.randint(1, 3)):
             op = rng.choice([fmt.OP_PUT, fmt.OP_PUT, fmt.OP_DELETE, fmt.OP_CALL])
             flags = fmt.op_flags(rng.random() < 0.5, rng.randint(0, 2))
-            ops.append(fmt.encode_op(op, flags, b"k%d" % rng.randint(0, 5), rng.randbytes(rng.randint(0, 20))))
+            value = rng.randbytes(rng.randint(0, 20))
+            ops.append(fmt.encode_op(op, flags, b"k%d" % rng.randint(0, 5), value))
         out.append(fmt.encode_frame(fmt.REC_COMMIT, seq, seq - 1, b"".join(ops)))
     if close:
         out.append(fmt.encode_frame(fmt.REC_CLOSE, n, n, b""))
