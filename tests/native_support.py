@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import random
 import struct
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from hypothesis import strategies as st
@@ -130,9 +131,9 @@ def odd_frame(draw: st.DrawFn, expected: int) -> bytes:
                 st.binary(min_size=1, max_size=40),
                 st.just(fmt.encode_op(fmt.OP_PUT, 0, b"k", b"v")[:-1]),
                 st.just(fmt.encode_op(fmt.OP_PUT, 0, b"k", b"v") + b"\x01"),
-                st.sampled_from([bytes([4, 0, 0, 0]), bytes([1, 8, 0, 0]), bytes([1, 6, 0, 0]), bytes([1, 0, 1, 0])]).map(
-                    lambda h: h + bytes(8)
-                ),
+                st.sampled_from(
+                    [bytes([4, 0, 0, 0]), bytes([1, 8, 0, 0]), bytes([1, 6, 0, 0]), bytes([1, 0, 1, 0])]
+                ).map(lambda h: h + bytes(8)),
             )
         )
     elif fault == "padding":
@@ -177,7 +178,9 @@ def mutated(draw: st.DrawFn, data: bytes) -> bytes:
     buf = bytearray(data)
     for _ in range(draw(st.integers(0, 3))):
         how = draw(
-            st.sampled_from(["cut", "flip", "zero-tail", "zero-range", "garbage", "zeros", "overwrite", "copy"])
+            st.sampled_from(
+                ["cut", "flip", "zero-tail", "zero-range", "garbage", "zeros", "overwrite", "copy"]
+            )
         )
         n = len(buf)
         if how == "cut" and n:

@@ -67,7 +67,7 @@ def logs(draw: st.DrawFn) -> tuple[bytes, int, int]:
 @given(ranges=st.lists(logs(), min_size=1, max_size=3), kinds=st.lists(st.sampled_from("bam"), min_size=3))
 def test_same_dict_as_reference(native: Any, ranges: list[tuple[bytes, int, int]], kinds: list[str]) -> None:
     wrapped = []
-    for (buf, start, end), kind in zip(ranges, kinds):
+    for (buf, start, end), kind in zip(ranges, kinds, strict=False):
         b: Any = buf if kind == "b" else bytearray(buf) if kind == "a" else memoryview(buf)
         wrapped.append((b, start, end))
     replay_both(native, wrapped)
@@ -94,7 +94,7 @@ def ops_log(*ops: bytes) -> bytes:
 def test_last_writer_wins_and_dict_order(native: Any) -> None:
     log = ops_log(
         fmt.encode_op(PUT, 0, b"a", b"1"),
-        fmt.encode_op(PUT, fmt.op_flags(True, fmt.VALUE_STR), b"a", "un".encode()),  # a str key: another key
+        fmt.encode_op(PUT, fmt.op_flags(True, fmt.VALUE_STR), b"a", b"un"),  # a str key: another key
         fmt.encode_op(PUT, 0, b"b", b"2"),
         fmt.encode_op(PUT, 0, b"c", b"3"),
         fmt.encode_op(PUT, 0, b"a", b"4"),  # keeps its place
@@ -112,7 +112,9 @@ def test_many_keys_grow_and_shrink(native: Any) -> None:
     """Enough keys to rebuild the table many times, with deletes leaving dead entries."""
     ops = [fmt.encode_op(PUT, 0, b"%06d" % i, b"v%d" % i) for i in range(5000)]
     ops += [fmt.encode_op(DELETE, 0, b"%06d" % i) for i in range(0, 5000, 3)]
-    ops += [fmt.encode_op(PUT, fmt.op_flags(True, fmt.VALUE_STR), b"%06d" % i, b"s") for i in range(0, 5000, 7)]
+    ops += [
+        fmt.encode_op(PUT, fmt.op_flags(True, fmt.VALUE_STR), b"%06d" % i, b"s") for i in range(0, 5000, 7)
+    ]
     log = frame(fmt.REC_COMMIT, 1, 0, b"".join(ops))
     assert replay_both(native, [(log, 0, len(log))])[0] == "ok"
 
