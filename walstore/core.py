@@ -190,6 +190,10 @@ class LogCore:
             self._buffers: list[reader.Buffer] = []
             state = replay.inspect_log(self.path, self.identity.store_id, 0, self.replayer, self._buffers)
             self._remove_leftovers()  # only once the log is known good: a refused open changes nothing
+            # A process that died may have left directory entries nobody fsynced (a segment
+            # renamed into place, quarantine/): make them, and the removals above, durable
+            # before anything is acknowledged on top of them.
+            self.fs.fsync_dir(self.path)
             quarantined = None
             if state.torn is not None:
                 quarantined = replay.cut_torn_tail(self.fs, self.path, state.torn)
