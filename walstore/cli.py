@@ -942,14 +942,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 _EPILOG = """\
 examples:
-  walstore info data/app                    what is in the store, and what open() would do
-  walstore verify data/app && echo clean     exit 0 clean, 1 torn tail, 2 corruption
+  walstore info data/app                       what is in the store, what open() would do
+  walstore verify data/app && echo clean       exit 0 clean, 1 torn tail, 2 corruption
   walstore dump data/app --from 1200 --to 1210
   walstore dump data/app --raw --json | jq .   every record, past damage too
-  walstore recover data/app --dry-run       the plan, without changing anything
+  walstore recover data/app --dry-run          the plan, without changing anything
   walstore recover data/app --mode last-consistent --yes
-  walstore export data/app > app.jsonl      and: walstore import newdir app.jsonl
-  walstore demo                             watch a crash and the recovery
+  walstore export data/app > app.jsonl         then: walstore import newdir app.jsonl
+  walstore demo                                watch a crash and the recovery
 
 exit codes:
 """ + "\n".join(f"  {k}  {v}" for k, v in EXIT_CODES.items()) + """

@@ -30,7 +30,7 @@ import json
 import mmap
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union, cast
 
@@ -489,8 +489,8 @@ class Analysis:
     def verdict(self) -> str:
         """"clean", "in-progress", "torn-tail" or "corruption" (the worst problem)."""
         kinds = {p.kind for p in self.problems}
-        if any(not s.valid for s in self.snapshots if s is self.base) or "corruption" in kinds:
-            return "corruption"
+        if any(not s.valid for s in self.snapshots) or "corruption" in kinds:
+            return "corruption"  # snapshot files are renamed into place whole: a bad one was damaged
         for k in ("torn-tail", "in-progress"):
             if k in kinds:
                 return k
@@ -776,24 +776,6 @@ def _check_segment_header(seg: SegmentInfo, data: Buffer, store_id: bytes, index
 # Reading the log for dump and export
 
 
-def iter_log(
-    analysis: Analysis, from_seq: Optional[int] = None, to_seq: Optional[int] = None
-) -> Iterator[tuple[SegmentInfo, Buffer]]:
-    """Each segment that may hold records in [from_seq, to_seq], loaded one at a time (and closed after)."""
-    segs = [s for s in analysis.segments if not s.covered]
-    for i, seg in enumerate(segs):
-        nxt = segs[i + 1].name_seq if i + 1 < len(segs) else None
-        if from_seq is not None and nxt is not None and nxt <= from_seq:
-            continue
-        if to_seq is not None and seg.name_seq > to_seq:
-            break
-        data = load_segment(seg.path, copy=i == len(segs) - 1)
-        try:
-            yield seg, data
-        finally:
-            close_buffer(data)
-
-
 def load_state(
     directory: str | os.PathLike[str], *, allow_prefix: bool = False, writer_running: Optional[bool] = None
 ) -> tuple[Analysis, dict[Any, Any]]:
@@ -934,11 +916,14 @@ def plan_recovery(analysis: Analysis, mode: str, segment_size: Optional[int] = N
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     plan = Plan(mode, analysis, kept_last_seq=analysis.last_seq)
-    base = analysis.base
-    if base is None and any(not s.valid for s in analysis.snapshots):
-        plan.notes.append("an invalid snapshot file is present; recover leaves snapshot files alone")
+    bad_snaps = [s.name for s in analysis.snapshots if not s.valid]
+    if bad_snaps:
+        plan.notes.append(f"invalid snapshot files ({', '.join(bad_snaps)}) are left alone: recover"
+                          " repairs the log only (docs/RECOVERY.md, snapshots)")
     d = analysis.damage
     if d is None:
+        if bad_snaps:
+            plan.refused = f"only snapshot files are damaged ({', '.join(bad_snaps)}); recover repairs logs"
         return plan
     if d.kind == "in-progress":
         plan.refused = "a writer holds the store; its tail is being written right now"
