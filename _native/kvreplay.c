@@ -4,6 +4,12 @@
  * array in insertion order, and an open-addressing index (linear probing)
  * of entry numbers. A deleted key leaves a dead entry and a "dummy" slot
  * until the next rebuild, which drops dead entries and keeps the order.
+ *
+ * Replay is bound by memory latency (a table of millions of keys does not fit
+ * in cache), so operations are decoded PIPE ahead of being applied, and the
+ * slot, entry and stored key each operation will touch are prefetched in
+ * stages. Prefetches are hints only: every operation is still applied in
+ * log order with a full lookup.
  */
 #include "kvreplay.h"
 
@@ -16,6 +22,14 @@
 #define SLOT_DUMMY 1u
 #define SLOT_BASE 2u /* slot value = entry number + SLOT_BASE */
 #define MAX_ENTRIES (UINT32_MAX - SLOT_BASE)
+
+#define PIPE 16 /* operations decoded ahead of the one applied; a power of two */
+
+#if defined(__GNUC__) || defined(__clang__)
+#define PREFETCH(p) __builtin_prefetch(p)
+#else
+#define PREFETCH(p) ((void)(p))
+#endif
 
 typedef struct {
     const uint8_t *key; /* the value follows at key + klen */
@@ -35,6 +49,27 @@ struct ws_kv {
     uint32_t *slots;
     size_t mask; /* slot count - 1, a power of two minus one */
 };
+
+/* One decoded operation waiting in the pipeline. */
+typedef struct {
+    const uint8_t *key;
+    uint64_t record; /* offset of its record, for errors */
+    uint32_t klen;
+    uint32_t vlen;
+    uint32_t hash;
+    uint8_t op;
+    uint8_t flags;
+} pending;
+
+/* Walks the operations of the records in buf[pos, end). */
+typedef struct {
+    const uint8_t *buf;
+    size_t end;
+    size_t pos;      /* next record */
+    size_t record;   /* current record */
+    size_t op_pos;   /* next operation of the current payload */
+    size_t op_end;   /* end of the current payload */
+} decoder;
 
 #define P1 0x9E3779B185EBCA87ull
 #define P2 0xC2B2AE3D27D4EB4Full
@@ -104,7 +139,8 @@ uint64_t ws_kv_len(const ws_kv *kv)
 static int rebuild(ws_kv *kv)
 {
     size_t want = kv->n_live < 4 ? 8 : kv->n_live * 2;
-    size_t nslots = 8, cap, j = 0;
+    size_t nslots = 8, cap, j = 0, n = kv->n_entries;
+    const entry *old = kv->entries;
     uint32_t *slots;
     entry *entries;
     if (want > MAX_ENTRIES)
@@ -121,14 +157,17 @@ static int rebuild(ws_kv *kv)
         free(slots);
         return WS_KV_ENOMEM;
     }
-    for (size_t i = 0; i < kv->n_entries; i++) {
-        if (!kv->entries[i].live)
+    for (size_t i = 0; i < n; i++) {
+        size_t s;
+        if (i + PIPE < n)
+            PREFETCH(&slots[old[i + PIPE].hash & (nslots - 1)]);
+        if (!old[i].live)
             continue;
-        size_t s = kv->entries[i].hash & (nslots - 1);
+        s = old[i].hash & (nslots - 1);
         while (slots[s] != SLOT_EMPTY)
             s = (s + 1) & (nslots - 1);
         slots[s] = (uint32_t)(j + SLOT_BASE);
-        entries[j++] = kv->entries[i];
+        entries[j++] = old[i];
     }
     free(kv->entries);
     free(kv->slots);
@@ -141,10 +180,10 @@ static int rebuild(ws_kv *kv)
 }
 
 /* The slot holding the key (*found = 1), or the slot to insert it in (*found = 0). */
-static size_t lookup(const ws_kv *kv, const uint8_t *key, uint32_t klen, unsigned kflag, uint32_t hash,
-                     int *found)
+static size_t lookup(const ws_kv *kv, const pending *p, int *found)
 {
-    size_t s = hash & kv->mask, reuse = SIZE_MAX;
+    size_t s = p->hash & kv->mask, reuse = SIZE_MAX;
+    unsigned kflag = p->flags & WS_KEY_STR;
     for (;;) {
         uint32_t v = kv->slots[s];
         if (v == SLOT_EMPTY) {
@@ -156,8 +195,8 @@ static size_t lookup(const ws_kv *kv, const uint8_t *key, uint32_t klen, unsigne
                 reuse = s;
         } else {
             const entry *e = &kv->entries[v - SLOT_BASE];
-            if (e->hash == hash && e->klen == klen && (unsigned)(e->flags & WS_KEY_STR) == kflag &&
-                memcmp(e->key, key, klen) == 0) {
+            if (e->hash == p->hash && e->klen == p->klen && (unsigned)(e->flags & WS_KEY_STR) == kflag &&
+                memcmp(e->key, p->key, p->klen) == 0) {
                 *found = 1;
                 return s;
             }
@@ -166,18 +205,16 @@ static size_t lookup(const ws_kv *kv, const uint8_t *key, uint32_t klen, unsigne
     }
 }
 
-static int put(ws_kv *kv, const uint8_t *key, uint32_t klen, uint32_t vlen, unsigned flags)
+static int put(ws_kv *kv, const pending *p)
 {
-    unsigned kflag = flags & WS_KEY_STR;
-    uint32_t hash = hash_key(kv->seed, key, klen, kflag);
     int found;
-    size_t s = lookup(kv, key, klen, kflag, hash, &found);
+    size_t s = lookup(kv, p, &found);
     entry *e;
     if (found) {
         e = &kv->entries[kv->slots[s] - SLOT_BASE];
-        e->key = key; /* equal bytes; its value follows it */
-        e->vlen = vlen;
-        e->flags = (uint8_t)flags;
+        e->key = p->key; /* equal bytes; its value follows it */
+        e->vlen = p->vlen;
+        e->flags = p->flags;
         return WS_KV_OK;
     }
     if (kv->n_entries == kv->cap_entries) {
@@ -186,14 +223,14 @@ static int put(ws_kv *kv, const uint8_t *key, uint32_t klen, uint32_t vlen, unsi
             return rc;
         if (kv->n_entries == kv->cap_entries)
             return WS_KV_ENOMEM;
-        s = lookup(kv, key, klen, kflag, hash, &found);
+        s = lookup(kv, p, &found);
     }
     e = &kv->entries[kv->n_entries];
-    e->key = key;
-    e->klen = klen;
-    e->vlen = vlen;
-    e->hash = hash;
-    e->flags = (uint8_t)flags;
+    e->key = p->key;
+    e->klen = p->klen;
+    e->vlen = p->vlen;
+    e->hash = p->hash;
+    e->flags = p->flags;
     e->live = 1;
     kv->slots[s] = (uint32_t)(kv->n_entries + SLOT_BASE);
     kv->n_entries++;
@@ -201,12 +238,10 @@ static int put(ws_kv *kv, const uint8_t *key, uint32_t klen, uint32_t vlen, unsi
     return WS_KV_OK;
 }
 
-static void del_key(ws_kv *kv, const uint8_t *key, uint32_t klen, unsigned flags)
+static void del_key(ws_kv *kv, const pending *p)
 {
-    unsigned kflag = flags & WS_KEY_STR;
-    uint32_t hash = hash_key(kv->seed, key, klen, kflag);
     int found;
-    size_t s = lookup(kv, key, klen, kflag, hash, &found);
+    size_t s = lookup(kv, p, &found);
     if (!found)
         return;
     kv->entries[kv->slots[s] - SLOT_BASE].live = 0;
@@ -214,69 +249,127 @@ static void del_key(ws_kv *kv, const uint8_t *key, uint32_t klen, unsigned flags
     kv->n_live--;
 }
 
-/* Apply the operations of one payload (the checks of reader.check_ops, then CALL). */
-static int apply_ops(ws_kv *kv, const uint8_t *p, size_t len)
+/* The next operation: 1 and *out filled, 0 at the end of the range, or
+ * -WS_KV_E* (with d->record at the offending record). Checks every frame and
+ * operation length against the range, as reader.check_ops does, then CALL. */
+static int next_op(decoder *d, pending *out)
 {
-    size_t pos = 0;
-    while (pos < len) {
-        unsigned op, flags;
-        uint32_t klen, vlen;
-        if (len - pos < WS_OP_HEADER_SIZE)
-            return WS_KV_EOPS;
-        op = p[pos];
-        flags = p[pos + 1];
-        if (op < WS_OP_PUT || op > WS_OP_CALL || ws_le16(p + pos + 2))
-            return WS_KV_EOPS;
-        if ((flags & ~(unsigned)(WS_KEY_STR | WS_VALUE_KIND_MASK)) || ((flags >> WS_VALUE_KIND_SHIFT) & 3) == 3)
-            return WS_KV_EOPS;
-        klen = ws_le32(p + pos + 4);
-        vlen = ws_le32(p + pos + 8);
-        pos += WS_OP_HEADER_SIZE;
-        if (klen > len - pos || vlen > len - pos - klen)
-            return WS_KV_EOPS;
-        if (op == WS_OP_CALL)
-            return WS_KV_ECALL;
-        if (op == WS_OP_PUT) {
-            int rc = put(kv, p + pos, klen, vlen, flags);
-            if (rc)
-                return rc;
-        } else {
-            del_key(kv, p + pos, klen, flags);
+    const uint8_t *p;
+    unsigned op, flags;
+    uint32_t klen, vlen;
+    while (d->op_pos >= d->op_end) {
+        uint32_t length;
+        unsigned type;
+        uint64_t padlen;
+        if (d->pos >= d->end)
+            return 0;
+        d->record = d->pos;
+        if (d->end - d->pos < WS_FRAME_HEADER_SIZE)
+            return -WS_KV_EFRAME;
+        length = ws_le32(d->buf + d->pos + 4);
+        type = d->buf[d->pos + 8];
+        padlen = WS_PADDED((uint64_t)length);
+        if (length > WS_MAX_PAYLOAD || padlen > d->end - d->pos - WS_FRAME_HEADER_SIZE)
+            return -WS_KV_EFRAME;
+        if (type == WS_REC_COMMIT || type == WS_REC_SNAPSHOT_DATA) {
+            d->op_pos = d->pos + WS_FRAME_HEADER_SIZE;
+            d->op_end = d->op_pos + length;
+        } else if (type != WS_REC_CLOSE && type != WS_REC_SNAPSHOT_END) {
+            return -WS_KV_ETYPE;
         }
-        pos += (size_t)klen + vlen;
+        d->pos += WS_FRAME_HEADER_SIZE + (size_t)padlen;
     }
-    return WS_KV_OK;
+    if (d->op_end - d->op_pos < WS_OP_HEADER_SIZE)
+        return -WS_KV_EOPS;
+    p = d->buf + d->op_pos;
+    op = p[0];
+    flags = p[1];
+    if (op < WS_OP_PUT || op > WS_OP_CALL || ws_le16(p + 2))
+        return -WS_KV_EOPS;
+    if ((flags & ~(unsigned)(WS_KEY_STR | WS_VALUE_KIND_MASK)) || ((flags >> WS_VALUE_KIND_SHIFT) & 3) == 3)
+        return -WS_KV_EOPS;
+    klen = ws_le32(p + 4);
+    vlen = ws_le32(p + 8);
+    d->op_pos += WS_OP_HEADER_SIZE;
+    if (klen > d->op_end - d->op_pos || vlen > d->op_end - d->op_pos - klen)
+        return -WS_KV_EOPS;
+    if (op == WS_OP_CALL)
+        return -WS_KV_ECALL;
+    out->key = d->buf + d->op_pos;
+    out->record = d->record;
+    out->klen = klen;
+    out->vlen = vlen;
+    out->op = (uint8_t)op;
+    out->flags = (uint8_t)flags;
+    d->op_pos += (size_t)klen + vlen;
+    return 1;
+}
+
+/* Stage 2: the slot is (likely) cached; prefetch the entry it names. */
+static void prefetch_entry(const ws_kv *kv, const pending *p)
+{
+    uint32_t v = kv->slots[p->hash & kv->mask];
+    if (v >= SLOT_BASE && v - SLOT_BASE < kv->n_entries)
+        PREFETCH(&kv->entries[v - SLOT_BASE]);
+}
+
+/* Stage 3: the entry is (likely) cached; prefetch its stored key for the comparison. */
+static void prefetch_key(const ws_kv *kv, const pending *p)
+{
+    uint32_t v = kv->slots[p->hash & kv->mask];
+    if (v >= SLOT_BASE && v - SLOT_BASE < kv->n_entries && kv->entries[v - SLOT_BASE].hash == p->hash)
+        PREFETCH(kv->entries[v - SLOT_BASE].key);
 }
 
 int ws_kv_apply_range(ws_kv *kv, const uint8_t *buf, size_t size, size_t start, size_t end,
                       uint64_t *err_offset)
 {
-    size_t pos = start;
+    pending ring[PIPE];
+    unsigned head = 0, n = 0;
+    int error = WS_KV_OK, more = 1;
+    decoder d;
     *err_offset = start;
     if (start > end || end > size)
         return WS_KV_ERANGE;
-    while (pos < end) {
-        uint32_t length;
-        unsigned type;
-        uint64_t padlen;
-        *err_offset = pos;
-        if (end - pos < WS_FRAME_HEADER_SIZE)
-            return WS_KV_EFRAME;
-        length = ws_le32(buf + pos + 4);
-        type = buf[pos + 8];
-        padlen = WS_PADDED((uint64_t)length);
-        if (length > WS_MAX_PAYLOAD || padlen > end - pos - WS_FRAME_HEADER_SIZE)
-            return WS_KV_EFRAME;
-        if (type == WS_REC_COMMIT || type == WS_REC_SNAPSHOT_DATA) {
-            int rc = apply_ops(kv, buf + pos + WS_FRAME_HEADER_SIZE, length);
-            if (rc)
-                return rc;
-        } else if (type != WS_REC_CLOSE && type != WS_REC_SNAPSHOT_END) {
-            return WS_KV_ETYPE;
+    d.buf = buf;
+    d.end = end;
+    d.pos = d.record = start;
+    d.op_pos = d.op_end = 0;
+    for (;;) {
+        while (more && n < PIPE) {
+            pending *p = &ring[(head + n) & (PIPE - 1)];
+            int r = next_op(&d, p);
+            if (r <= 0) {
+                more = 0;
+                if (r < 0) {
+                    error = -r;
+                    *err_offset = d.record;
+                }
+                break;
+            }
+            p->hash = hash_key(kv->seed, p->key, p->klen, p->flags & WS_KEY_STR);
+            PREFETCH(&kv->slots[p->hash & kv->mask]);
+            n++;
         }
-        pos += WS_FRAME_HEADER_SIZE + (size_t)padlen;
+        if (n == 0)
+            break;
+        if (n > PIPE / 2)
+            prefetch_entry(kv, &ring[(head + PIPE / 2) & (PIPE - 1)]);
+        if (n > PIPE / 4)
+            prefetch_key(kv, &ring[(head + PIPE / 4) & (PIPE - 1)]);
+        if (ring[head].op == WS_OP_PUT) {
+            int rc = put(kv, &ring[head]);
+            if (rc) {
+                *err_offset = ring[head].record;
+                return rc;
+            }
+        } else {
+            del_key(kv, &ring[head]);
+        }
+        head = (head + 1) & (PIPE - 1);
+        n--;
     }
-    return WS_KV_OK;
+    return error;
 }
 
 static int same_run(const entry *a, const entry *b)
@@ -309,6 +402,8 @@ int64_t ws_kv_export(const ws_kv *kv, uint8_t *blob, size_t blob_size, uint64_t 
     for (size_t i = 0; i < kv->n_entries; i++) {
         const entry *e = &kv->entries[i];
         size_t len = (size_t)e->klen + e->vlen;
+        if (i + PIPE < kv->n_entries)
+            PREFETCH(kv->entries[i + PIPE].key);
         if (!e->live)
             continue;
         if (len > blob_size - at)
