@@ -270,16 +270,28 @@ class LogWriter:
         if self._durable_seq < self._written_seq:
             self._sync_leader()
         hit("roll.after_sync_old")
-        new = create_segment(
-            self._fs,
-            self._dir,
-            self._store_id,
-            self._last_seq + 1,
-            self._last_seq,
-            old.offset,
-            self._opts,
-            prealloc_ready=self._take_prealloc(),
-        )
+        try:
+            new = create_segment(
+                self._fs,
+                self._dir,
+                self._store_id,
+                self._last_seq + 1,
+                self._last_seq,
+                old.offset,
+                self._opts,
+                prealloc_ready=self._take_prealloc(),
+            )
+        except OSError as exc:
+            if os.path.exists(os.path.join(self._dir, fmt.segment_name(self._last_seq + 1))):
+                # The rename happened, the directory fsync after it failed: the new segment is
+                # in place, so a record written to the old one would break the chain
+                # (missing-segment at the next open). Refuse writes; a reopen continues there.
+                self._poison_with(exc)
+                raise StorePoisonedError(
+                    f"creating segment {self._last_seq + 1} failed after it was renamed into place:"
+                    f" {exc}; the store refuses writes until it is reopened"
+                ) from exc
+            raise
         hit("roll.after_create")
         try:
             self._fs.ftruncate(old.fd, old.offset)
