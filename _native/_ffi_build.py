@@ -99,5 +99,9 @@ if __name__ == "__main__":
     root = os.path.dirname(HERE)
     os.chdir(root)
     built = make_ffi(absolute=True).compile(tmpdir=os.path.join("build", "native"), verbose=True)
-    shutil.copy(built, os.path.join("walstore", os.path.basename(built)))
+    # Copy beside the target, then rename over it: overwriting a loaded .so in place crashes
+    # every running process that has it mapped (a concurrent test run, a running store).
+    target = os.path.join("walstore", os.path.basename(built))
+    shutil.copy(built, target + ".tmp")
+    os.replace(target + ".tmp", target)
     print("built", os.path.join("walstore", os.path.basename(built)))
