@@ -654,12 +654,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
             ok = after.verdict == "clean"
         finally:
             after.close()
-        rpath = os.path.join(path, str(report["report"]))
-        with open(rpath, "w") as f:
-            json.dump(report, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        recover.write_report(os.path.dirname(os.path.join(path, str(report["report"]))), report)
         if args.json:
             _emit_json(report)
         else:

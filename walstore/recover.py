@@ -1001,9 +1001,12 @@ def _plan_cut_and_move(plan: Plan, analysis: Analysis, d: Damage) -> None:
             plan.dropped_commits += cnt.commits
             if cnt.first_seq is not None and cnt.last_seq is not None:
                 dropped.append([cnt.first_seq, cnt.last_seq])
-    if d.seq is not None and d.reason != "segment-size":
-        dropped.append([d.seq, d.seq])  # the damaged record itself
-    plan.dropped_ranges = _merge(dropped)
+    # Everything after the kept prefix is gone from the log: the damaged record itself, and
+    # whatever lies beyond it, whether it still parses or not.
+    hi = max([b for _a, b in dropped] + ([d.seq] if d.seq is not None and d.reason != "segment-size" else []),
+             default=None)
+    if hi is not None and hi > plan.kept_last_seq:
+        plan.dropped_ranges = [[plan.kept_last_seq + 1, hi]]
     plan.dropped_commits = sum(b - a + 1 for a, b in plan.dropped_ranges)
 
 
@@ -1103,6 +1106,8 @@ def _plan_skip_damaged(plan: Plan, analysis: Analysis, d: Damage, segment_size: 
         if a > prev + 1:
             lost.append([prev + 1, a - 1])
         prev = b
+    if not runs and d.seq is not None and d.reason != "segment-size":
+        lost.append([d.seq, d.seq])  # the damaged record itself; nothing valid after it
     plan.dropped_ranges = lost
     plan.dropped_commits = sum(b - a + 1 for a, b in lost) + rejected
     plan.dropped_bytes = damaged
@@ -1152,8 +1157,9 @@ def _write_file(fs: OSFileAPI, path: str, content: bytes) -> None:
         fs.close(fd)
 
 
-def _write_report(fs: OSFileAPI, run_dir: str, report: dict[str, Any]) -> str:
-    """Write report.json atomically (temp file, fsync, rename, directory fsync)."""
+def write_report(run_dir: str, report: dict[str, Any], fs: Optional[OSFileAPI] = None) -> str:
+    """Write a run's report.json atomically (temp file, fsync, rename, directory fsync)."""
+    fs = fs or DEFAULT
     path = os.path.join(run_dir, _REPORT_NAME)
     tmp = path + ".part"
     _write_file(fs, tmp, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
@@ -1284,7 +1290,7 @@ def execute(plan: Plan, fs: Optional[OSFileAPI] = None) -> dict[str, Any]:
         report["actions"] = [x.to_dict() for x in plan.actions]
     report["status"] = "done"
     report["report"] = _rel(directory, os.path.join(run_dir, _REPORT_NAME))
-    _write_report(fs, run_dir, report)
+    write_report(run_dir, report, fs)
     return report
 
 
@@ -1325,7 +1331,7 @@ def _execute_skip(plan: Plan, fs: OSFileAPI, run_dir: str, report: dict[str, Any
     report["journal"] = journal
     report["new_segments"] = builder.files
     report["status"] = "staged"
-    _write_report(fs, run_dir, report)
+    write_report(run_dir, report, fs)
     _swap(fs, directory, run_dir, journal)
     for x in moves:
         x.saved_as = _rel(directory, os.path.join(run_dir, x.segment))
@@ -1389,6 +1395,6 @@ def resume_interrupted(directory: str, fs: Optional[OSFileAPI] = None) -> list[s
                                        "moves_in": list(journal.get("moves_in", []))})
         report["status"] = "done"
         report["resumed"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
-        _write_report(fs, run_dir, report)
+        write_report(run_dir, report, fs)
         done.append(run_dir)
     return done
