@@ -197,7 +197,7 @@ def test_flipped_bit_mid_log_skip_damaged(tmp_path: Path) -> None:
     flip(seg, off + 40)
     r = wal("recover", p, "--mode", "skip-damaged", "--yes")
     assert r.returncode == 0, r.stderr
-    assert "DATA LOSS: 1 COMMIT (sequence numbers " in r.stderr and "NEW SEQUENCE NUMBERS" in r.stderr
+    assert "DATA LOSS: 1 COMMIT (sequence number " in r.stderr and "NEW SEQUENCE NUMBERS" in r.stderr
     state = open_state(p)
     assert state == {k: v for k, v in expected(100).items() if k != f"k{seq}"}
     assert wal("verify", p).returncode == 0

@@ -576,7 +576,9 @@ def _loss_banner(plan: recover.Plan) -> str:
         return ""
     ranges = ", ".join(f"{a}" if a == b else f"{a}..{b}" for a, b in plan.dropped_ranges) or "none"
     commits = f"{_n(plan.dropped_commits)} COMMIT{'S' if plan.dropped_commits != 1 else ''}"
-    text = (f"!!! DATA LOSS: {commits} (sequence numbers {ranges}) AND {_n(plan.dropped_bytes)}"
+    single = len(plan.dropped_ranges) == 1 and plan.dropped_ranges[0][0] == plan.dropped_ranges[0][1]
+    numbers = "sequence number" if single else "sequence numbers"
+    text = (f"!!! DATA LOSS: {commits} ({numbers} {ranges}) AND {_n(plan.dropped_bytes)}"
             " BYTES WILL BE DROPPED from the log (kept in quarantine/, nothing is deleted) !!!")
     if plan.mode == "torn-tail":
         text = (f"{_n(plan.dropped_bytes)} bytes past the durable point will be cut (seq {ranges}, never"

@@ -43,7 +43,7 @@ MODES = ("torn-tail", "last-consistent", "skip-damaged")
 """recover modes, named after what they keep."""
 
 MODE_HELP = {
-    "torn-tail": "cut only a torn tail past the durable point (what open() does); refuse if synced data"
+    "torn-tail": "cut only a torn tail past the durable point, as open() does; refuse if synced data"
     " is damaged",
     "last-consistent": "keep every record up to the first damage; quarantine everything after it,"
     " later segments included",
@@ -1124,7 +1124,7 @@ def _plan_skip_damaged(plan: Plan, analysis: Analysis, d: Damage, segment_size: 
         plan.actions.append(Action("move", s.name, 0, s.size, s.records, s.first_seq if s.scan else None,
                                    s.last_seq if s.scan else None, 0, why))
     sizes = [s.size for s in analysis.segments]
-    plan.target_segment_size = segment_size or max([64 << 10] + sizes)
+    plan.target_segment_size = segment_size or max([4096] + sizes)  # the store's own segment size
     total_new = salvaged
     if plan.renumbered:
         plan.notes.append(
