@@ -1,0 +1,237 @@
+"""Replay benchmark: the C replayer against pure Python, the dict-building floor, and sqlite3.
+
+One run writes a store's segment files (N keys of 16 bytes, 100-byte values,
+from 2N puts and deletes, one op per COMMIT, 64 MiB segments chained by
+first_seq / prev_seq / prev_size) and an sqlite3 table of the same final
+rows, then times, on the same warm files:
+
+  c        native.scan_records + native.KVReplayer over mmap'd segments
+  python   reader.scan_records + kvreplay.PyKVReplayer over the same maps
+  floor    dict(zip(keys, values)) from lists of the final key and value bytes
+  floor+   dict(struct.iter_unpack(...)): making those bytes objects from one
+           contiguous buffer, and the dict (what the C path's last step does)
+  sqlite3  dict(SELECT k, v) from a table written beforehand
+
+Usage: python bench/replay.py [--keys N] [--repeat R] [--dir DIR]
+Each figure is the best of R runs (the Python path runs once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import mmap
+import os
+import shutil
+import sqlite3
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from walstore import format as fmt  # noqa: E402
+from walstore import native, reader  # noqa: E402
+from walstore.kvreplay import PyKVReplayer  # noqa: E402
+
+KEY_SIZE = 16
+VALUE_SIZE = 100
+SEGMENT_BYTES = 64 << 20
+STORE_ID = bytes(range(16))
+
+
+def key(i: int) -> bytes:
+    return b"k%015d" % i
+
+
+def schedule(n: int) -> list[tuple[int, int, int]]:
+    """2n operations (op, key number, value number) leaving exactly keys 0..n-1.
+
+    Puts of 1.25n keys, then 0.75n more ops: two in three overwrite a random
+    key below n, one in three deletes one of the 0.25n keys above it.
+    """
+    extra = n // 4
+    ops = [(fmt.OP_PUT, i, i) for i in range(n + extra)]
+    state = 12345
+    deleted = 0
+    while len(ops) < 2 * n:
+        state = (state * 6364136223846793005 + 1442695040888963407) & ((1 << 64) - 1)
+        if len(ops) % 3 == 2 and deleted < extra:
+            ops.append((fmt.OP_DELETE, n + deleted, 0))
+            deleted += 1
+        else:
+            ops.append((fmt.OP_PUT, (state >> 33) % n, len(ops)))
+    while deleted < extra:  # n too small for the interleave: delete the rest at the end
+        ops.append((fmt.OP_DELETE, n + deleted, 0))
+        deleted += 1
+    return ops
+
+
+def value_pool() -> bytes:
+    return os.urandom(1 << 20)
+
+
+def value(pool: bytes, number: int) -> bytes:
+    at = (number * 7919) % (len(pool) - VALUE_SIZE)
+    return pool[at : at + VALUE_SIZE]
+
+
+def write_segments(directory: str, ops: list[tuple[int, int, int]], pool: bytes) -> list[str]:
+    """Segment files as the writer lays them out; returns their paths in order."""
+    paths: list[str] = []
+    chunks: list[bytes] = []
+    size = 0
+    prev_seq = prev_size = 0
+    first_seq = 1
+
+    def seal() -> None:
+        nonlocal size
+        path = os.path.join(directory, fmt.segment_name(first_seq))
+        with open(path, "wb") as f:
+            f.write(b"".join(chunks))
+        paths.append(path)
+        size = 0
+
+    header = fmt.FileHeader(fmt.KIND_SEGMENT, STORE_ID, first_seq, prev_seq, prev_size).encode()
+    chunks, size = [header], len(header)
+    for seq, (op, k, v) in enumerate(ops, start=1):
+        payload = fmt.encode_op(op, 0, key(k), value(pool, v) if op == fmt.OP_PUT else b"")
+        rec = fmt.encode_frame(fmt.REC_COMMIT, seq, seq - 1, payload)
+        if size + len(rec) > SEGMENT_BYTES:
+            sealed_size = size
+            seal()
+            prev_seq, prev_size, first_seq = seq - 1, sealed_size, seq
+            header = fmt.FileHeader(fmt.KIND_SEGMENT, STORE_ID, first_seq, prev_seq, prev_size).encode()
+            chunks, size = [header], len(header)
+        chunks.append(rec)
+        size += len(rec)
+    last = len(ops)
+    chunks.append(fmt.encode_frame(fmt.REC_CLOSE, last, last, b""))
+    seal()
+    return paths
+
+
+def final_rows(ops: list[tuple[int, int, int]], pool: bytes) -> tuple[list[bytes], list[bytes]]:
+    """The final state's keys and values, in dict order."""
+    state: dict[int, int] = {}
+    for op, k, v in ops:
+        if op == fmt.OP_PUT:
+            state[k] = v
+        else:
+            del state[k]
+    return [key(k) for k in state], [value(pool, v) for v in state.values()]
+
+
+def write_sqlite(path: str, keys: list[bytes], values: list[bytes]) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE kv (k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID")
+    conn.executemany("INSERT INTO kv VALUES (?, ?)", zip(keys, values, strict=True))
+    conn.commit()
+    conn.close()
+
+
+def replay(paths: list[str], scan: Callable[..., reader.ScanResult], replayer: Any) -> dict[Any, Any]:
+    """Open, map, scan and replay every segment, then build the dict."""
+    maps = []
+    for path in paths:
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        maps.append(mm)
+        head = fmt.decode_file_header(mm[: fmt.FILE_HEADER_SIZE])
+        result = scan(mm, fmt.FILE_HEADER_SIZE, head.first_seq, reader.SEGMENT_TYPES)
+        if result.damage is not None:
+            raise SystemExit(f"{path}: unexpected damage {result.damage} at {result.end}")
+        replayer.apply_range(mm, fmt.FILE_HEADER_SIZE, result.end)
+    state: dict[Any, Any] = replayer.finish(bytes)
+    for mm in maps:
+        mm.close()
+    return state
+
+
+def read_sqlite(path: str) -> dict[Any, Any]:
+    conn = sqlite3.connect(path)
+    try:
+        return dict(conn.execute("SELECT k, v FROM kv"))
+    finally:
+        conn.close()
+
+
+def best(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
+    """The fastest of `repeat` runs, and the last result."""
+    times = []
+    result = None
+    for _ in range(repeat):
+        result = None
+        gc.collect()
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keys", type=int, default=1_000_000, help="keys in the final state (1000000)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure, best taken (default 3)")
+    parser.add_argument("--dir", help="where to write the files (default: a new temporary directory)")
+    args = parser.parse_args()
+    if not native.BUILT:
+        raise SystemExit("the C replayer is not built: pip install -e . (needs a C compiler)")
+    n = args.keys
+    directory = args.dir or tempfile.mkdtemp(prefix="walstore-bench-")
+    os.makedirs(directory, exist_ok=True)
+    try:
+        t0 = time.perf_counter()
+        ops = schedule(n)
+        pool = value_pool()
+        paths = write_segments(directory, ops, pool)
+        keys, values = final_rows(ops, pool)
+        db = os.path.join(directory, "kv.sqlite3")
+        write_sqlite(db, keys, values)
+        total = sum(os.path.getsize(p) for p in paths)
+        print(
+            f"wrote {len(ops):,} ops ({n:,} final keys) in {len(paths)} segments, {total / 2**20:.0f} MiB,"
+            f" and sqlite3 in {time.perf_counter() - t0:.1f} s; crc32c: {native.crc32c_impl()}"
+        )
+
+        t_c, d_c = best(lambda: replay(paths, native.scan_records, native.KVReplayer()), args.repeat)
+        t_py, d_py = best(lambda: replay(paths, reader.scan_records, PyKVReplayer()), 1)
+        assert list(d_c.items()) == list(d_py.items()), "C and Python replay disagree"
+        del d_py
+        fresh_keys = [bytes(k) for k in keys]  # uncached hashes, as replay's keys
+        t_floor, d_floor = best(lambda: dict(zip(fresh_keys, values, strict=True)), args.repeat)
+        flat = b"".join(k + v for k, v in zip(keys, values, strict=True))
+        layout = f"{KEY_SIZE}s{VALUE_SIZE}s"
+
+        def floor_plus() -> dict[bytes, bytes]:
+            """The fastest way we know to make the key and value objects from bytes, then the dict."""
+            return dict(struct.iter_unpack(layout, flat))
+
+        t_floor_plus, _ = best(floor_plus, args.repeat)
+        t_sql, d_sql = best(lambda: read_sqlite(db), args.repeat)
+        assert d_c == d_floor == d_sql, "the dicts differ"
+        assert len(d_c) == n
+
+        print(f"{'path':<10}{'seconds':>10}")
+        for name, t in (
+            ("c", t_c),
+            ("python", t_py),
+            ("floor", t_floor),
+            ("floor+", t_floor_plus),
+            ("sqlite3", t_sql),
+        ):
+            print(f"{name:<10}{t:>10.3f}")
+        print(f"C vs Python: {t_py / t_c:.1f}x faster (target >= 10x)")
+        print(f"C vs floor: {t_c / t_floor:.2f}x the floor (target <= 2x)")
+        print(f"C vs floor+: {t_c / t_floor_plus:.2f}x")
+        print(f"C vs sqlite3: {t_sql / t_c:.2f}x faster")
+    finally:
+        if not args.dir:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
