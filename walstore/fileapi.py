@@ -26,8 +26,10 @@ class OSFileAPI:
 
     def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
         """Write all of `data` at `offset`; a short write is retried, an error raises."""
+        total = os.pwrite(fd, data, offset)
+        if total == len(data):
+            return total
         view = memoryview(data)
-        total = 0
         while total < len(view):
             n = os.pwrite(fd, view[total:], offset + total)
             if n <= 0:

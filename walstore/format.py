@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import crc32c as _crc32c
 
@@ -71,9 +71,8 @@ TMP_SUFFIX = ".tmp"
 _ZERO_PAD = bytes(ALIGN)
 
 
-def crc(data: bytes | bytearray | memoryview, value: int = 0) -> int:
-    """CRC32C (Castagnoli) of `data`, continuing from `value`."""
-    return _crc32c.crc32c(data, value)
+crc: Callable[..., int] = _crc32c.crc32c
+"""crc(data, value=0): CRC32C (Castagnoli) of `data`, continuing from `value`."""
 
 
 def padded(n: int) -> int:

@@ -31,7 +31,8 @@ Key = Union[str, bytes]
 _OPH = fmt.OP_HEADER
 _PUT = fmt.OP_PUT
 _DEL = fmt.OP_DELETE
-_MISSING: Any = object()
+_OPH_PACK = fmt.OP_HEADER.pack
+_VSTR = fmt.VALUE_STR << fmt.VALUE_KIND_SHIFT
 _DELETED: Any = object()
 
 
@@ -173,19 +174,31 @@ class Store(MutableMapping[Key, Any]):
         self.put(key, value)
 
     def __delitem__(self, key: Key) -> None:
-        self._core.check_open()
-        kb, kf = encode_key(key)
-        if key not in self._data:
+        if not self.delete(key):
             raise KeyError(key)
-        self._commit_one(_OPH.pack(_DEL, kf, 0, len(kb), 0) + kb, key, _DELETED, None)
 
     def put(self, key: Key, value: Any, *, durability: Optional[str] = None) -> None:
         """Set `key` to `value` as one commit (durability overrides the store's mode)."""
-        self._core.check_open()
-        kb, kf = encode_key(key)
-        vb, vf, kept = self._value(value)
-        payload = b"".join((_OPH.pack(_PUT, kf | vf, 0, len(kb), len(vb)), kb, vb))
-        self._commit_one(payload, key, kept, durability)
+        tk = type(key)
+        if tk is str:
+            kb, kf = key.encode("utf-8"), fmt.KEY_STR  # type: ignore[union-attr]
+        elif tk is bytes:
+            kb, kf = key, 0  # type: ignore[assignment]
+        else:
+            kb, kf = encode_key(key)
+        tv = type(value)
+        if tv is bytes:
+            vb, vf, kept = value, 0, value
+        elif tv is str:
+            vb, vf, kept = value.encode("utf-8"), _VSTR, value
+        else:
+            vb, vf, kept = self._value(value)
+        data = self._data
+
+        def apply() -> None:
+            data[key] = kept
+
+        self._writer.commit(_OPH_PACK(_PUT, kf | vf, 0, len(kb), len(vb)) + kb + vb, apply, durability)
 
     def delete(self, key: Key, *, durability: Optional[str] = None) -> bool:
         """Remove `key` as one commit; False (and nothing logged) if it was absent."""
@@ -193,22 +206,13 @@ class Store(MutableMapping[Key, Any]):
         kb, kf = encode_key(key)
         if key not in self._data:
             return False
-        self._commit_one(_OPH.pack(_DEL, kf, 0, len(kb), 0) + kb, key, _DELETED, durability)
-        return True
-
-    def _commit_one(self, payload: bytes, key: Key, kept: Any, durability: Optional[str]) -> None:
         data = self._data
-        if kept is _DELETED:
 
-            def apply() -> None:
-                data.pop(key, None)
+        def apply() -> None:
+            data.pop(key, None)
 
-        else:
-
-            def apply() -> None:
-                data[key] = kept
-
-        self._writer.commit(payload, apply, durability)
+        self._writer.commit(_OPH_PACK(_DEL, kf, 0, len(kb), 0) + kb, apply, durability)
+        return True
 
     def transaction(self, *, durability: Optional[str] = None) -> Transaction:
         """An all-or-nothing group of changes: one COMMIT record when the block ends cleanly."""

@@ -25,6 +25,7 @@ from typing import Callable, Optional
 
 from . import format as fmt
 from .errors import DiskFullError, StoreClosedError, StorePoisonedError
+from . import failpoints as _fp
 from .failpoints import hit
 from .fileapi import OSFileAPI
 
@@ -34,6 +35,11 @@ NONE = "none"
 DURABILITY_MODES = (SYNC, INTERVAL, NONE)
 
 _ZERO_CHUNK = bytes(1 << 20)
+_HS = fmt.FRAME_HEADER_SIZE
+_FRAME_PACK = fmt.FRAME_HEADER.pack
+_U32_PACK = fmt.U32.pack
+_PADS = [bytes(i) for i in range(fmt.ALIGN)]
+_crc = fmt.crc
 
 
 @dataclass
@@ -85,7 +91,8 @@ class LogWriter:
         self._store_id = store_id
         self._seg = segment
         self._opts = options
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._last_seq = last_seq
         self._written_seq = last_seq
         self._durable_seq = last_seq
@@ -145,18 +152,27 @@ class LogWriter:
         `apply` runs only if the record was written; it must not raise. With
         `sync` durability the call returns after the record is on disk.
         """
-        mode = durability or self._opts.durability
-        size = fmt.frame_size(len(payload))
-        with self._cond:
-            self._check_usable()
-            if self._seg.offset + size > self._opts.segment_size and self._seg.offset > fmt.FILE_HEADER_SIZE:
+        n = len(payload)
+        size = _HS + ((n + 7) & ~7)
+        with self._mutex:
+            if self._closed or self._poison is not None:
+                self._check_usable()
+            seg = self._seg
+            if seg.offset + size > self._opts.segment_size and seg.offset > fmt.FILE_HEADER_SIZE:
                 self._roll()
+                seg = self._seg
             seq = self._last_seq + 1
-            frame = fmt.encode_frame(fmt.REC_COMMIT, seq, self._durable_seq, payload)
-            hit("commit.before_write")
+            if n > fmt.MAX_PAYLOAD:
+                raise ValueError(f"a commit of {n} bytes exceeds the {fmt.MAX_PAYLOAD}-byte record limit")
+            body = _FRAME_PACK(n, fmt.REC_COMMIT, 0, 0, 0, seq, self._durable_seq) + payload + _PADS[-n & 7]
+            frame = _U32_PACK(_crc(body)) + body
+            if _fp._armed:
+                _fp.hit("commit.before_write")
             self._write(frame)
-            hit("commit.after_write")
-            self._maybe_prealloc()
+            if _fp._armed:
+                _fp.hit("commit.after_write")
+            if self._prealloc_thread is None and seg.offset * 2 >= self._opts.segment_size:
+                self._maybe_prealloc()
             self._last_seq = seq
             self._written_seq = seq
             self.commits += 1
@@ -167,10 +183,12 @@ class LogWriter:
                 raise StorePoisonedError(
                     f"applying commit {seq} failed after it was logged: {exc!r}; reopen the store"
                 ) from exc
-            hit("commit.after_apply")
-            if mode == SYNC:
+            if _fp._armed:
+                _fp.hit("commit.after_apply")
+            if (durability or self._opts.durability) == SYNC:
                 self._wait_durable(seq)
-                hit("commit.after_sync")
+                if _fp._armed:
+                    _fp.hit("commit.after_sync")
         return seq
 
     def _write(self, frame: bytes) -> None:
