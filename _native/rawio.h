@@ -27,6 +27,8 @@ int rawio_has_rwf_dsync(void);
  * sync_ns, if not NULL, gets the sync call alone (0 for methods with no
  * separate sync call). Stops early, after at least min_ops operations, once
  * budget_ns nanoseconds have passed (budget_ns <= 0: no time limit).
+ * For an O_DIRECT fd, buf, size and offset0 must suit the device's alignment
+ * (a page-aligned buffer, e.g. from mmap, and multiples of the logical block size).
  * Returns the number of operations done (>= 0), or -errno on the first failure. */
 int64_t rawio_run(int fd, int method, const void *buf, size_t size, int64_t offset0, int64_t n,
                   int64_t min_ops, int64_t budget_ns, int64_t *lat_ns, int64_t *sync_ns);

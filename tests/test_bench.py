@@ -148,7 +148,7 @@ def check_report(doc: dict[str, Any], timer: str, walstore_expected: bool) -> No
         assert all(r["available"] for r in doc["raw"] if r["method"] == must), must
 
     w = doc["walstore"]
-    assert set(w) == {"available", "reason", "record_size", "durability", "group_commit"}
+    assert set(w) == {"available", "reason", "record_size", "durability", "raw_floor", "group_commit"}
     if walstore_expected:
         assert w["available"] is True and w["reason"] is None
         assert [c["durability"] for c in w["durability"]] == ["sync", "interval", "none"]
@@ -162,12 +162,17 @@ def check_report(doc: dict[str, Any], timer: str, walstore_expected: bool) -> No
             assert c["fsyncs"] is None or (isinstance(c["fsyncs"], int) and c["fsyncs"] >= 0), where
             assert c["commits_per_fsync"] is None or c["commits_per_fsync"] > 0, where
             assert c["segment_rolls"] is None or c["segment_rolls"] >= 0, where
+        fl = w["raw_floor"]
+        assert set(fl) == RAW_KEYS and fl["method"] == "fdatasync" and fl["mode"] == "overwrite"
+        assert fl["size"] == w["record_size"] and fl["ops"] > 0 and fl["ops_per_s"] > 0
+        check_latency(fl["latency_us"], "raw floor")
+        check_latency(fl["sync_latency_us"], "raw floor sync")
         sync_one = w["durability"][0]
         assert sync_one["fsyncs"] > 0 and sync_one["commits_per_fsync"] > 0
         for c in w["group_commit"]:
             assert c["fsyncs"] > 0 and c["commits_per_fsync"] > 0
     else:
-        assert w["available"] is False and isinstance(w["reason"], str)
+        assert w["available"] is False and isinstance(w["reason"], str) and w["raw_floor"] is None
 
     s = doc["snapshot"]
     assert set(s) == {"size", "iterations", "steps_us"}
@@ -392,7 +397,7 @@ def test_select_timer_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
         return real(name, package)
 
     monkeypatch.delenv("WALSTORE_PURE", raising=False)
-    monkeypatch.setattr(bench.importlib, "import_module", fake)
+    monkeypatch.setattr(importlib, "import_module", fake)
     t = bench.select_timer()
     assert t.name == "python" and t.note == "python (C module not built)"
     monkeypatch.setenv("WALSTORE_PURE", "1")
