@@ -193,7 +193,7 @@ def _analyze(
 
 def _seq_range(seg: recover.SegmentInfo) -> str:
     if seg.scan is None:
-        return "seq ?"
+        return "(bad header)"
     if seg.scan.last_seq < seg.first_seq:
         return f"seq {seg.first_seq}.. (empty)"
     return f"seq {seg.first_seq}..{seg.scan.last_seq}"
@@ -207,6 +207,8 @@ def _verdict_line(a: recover.Analysis) -> str:
     d = a.damage
     v = a.verdict
     if v == "clean":
+        if a.writer_running:
+            return f"clean so far (a writer is running; valid up to seq {a.last_seq})"
         if a.closed_cleanly:
             return f"clean (closed cleanly at seq {a.last_seq})"
         return f"clean (not closed: the last writer crashed or is running; last seq {a.last_seq})"
@@ -755,7 +757,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         if os.path.isdir(path) and [n for n in os.listdir(path) if n != fmt.LOCK_NAME]:
             raise CLIError(f"{path}: not empty and not a walstore store", EXIT_STORE)
         db = walstore.open(path, codec=args.codec)
-    codec = get_codec(db._codec.name if hasattr(db, "_codec") else args.codec)
+    codec = get_codec(core.read_identity(path).codec)
     count = 0
     batches = 0
     try:
@@ -1159,6 +1161,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _error(f"I/O error: {exc}", EXIT_STORE)
     except WalstoreError as exc:
         return _error(str(exc), EXIT_STORE)
+    except Exception as exc:
+        if os.environ.get("WALSTORE_DEBUG"):
+            raise
+        return _error(f"internal error: {exc!r} (WALSTORE_DEBUG=1 shows the traceback)", EXIT_STORE)
 
 
 def _silence_stdout() -> None:
