@@ -383,7 +383,18 @@ class _DumpPrinter:
         self.out = out
         self.records = 0
         self.seg_name = ""
-        self.last_seq: Optional[int] = None
+        self.bar: Optional[Progress] = None
+        self.bar_pos = 0
+
+    def progress(self, bar: Progress, seg_start: int) -> None:
+        """Move `bar` along within a segment as records go by (every 1024 records)."""
+        self.bar = bar
+        self.bar_pos = seg_start
+
+    def _tick(self, rec: recover.Record) -> None:
+        if self.bar is not None and self.records % 1024 == 0:
+            self.bar.advance(max(0, rec.offset - self.bar_pos))
+            self.bar_pos = max(self.bar_pos, rec.offset)
 
     def in_range(self, seq: int) -> bool:
         a = self.args
@@ -405,6 +416,7 @@ class _DumpPrinter:
         if not self.in_range(rec.seq):
             return
         self.records += 1
+        self._tick(rec)
         name = fmt.RECORD_TYPE_NAMES.get(rec.rtype, str(rec.rtype))
         ops: list[fmt.Op] = []
         bad = ""
@@ -473,6 +485,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
             nxt = listed[i + 1][0] if i + 1 < len(listed) else None
             if args.from_seq is not None and nxt is not None and nxt <= args.from_seq:
                 prev_last = nxt - 1
+                bar.advance(os.path.getsize(spath))
                 continue
             if args.to_seq is not None and first > args.to_seq:
                 break
@@ -480,7 +493,8 @@ def cmd_dump(args: argparse.Namespace) -> int:
             data = recover.load_segment(spath, copy=i == len(listed) - 1)
             try:
                 size = len(data)
-                bar.advance(size)
+                seg_done = bar.done + size
+                printer.progress(bar, 0)
                 try:
                     header = replay.check_header(spath, recover._b(data), fmt.KIND_SEGMENT, ident.store_id)
                     note = ""
@@ -532,6 +546,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
                         break
                 prev_last = scan_hint.last_seq if scan_hint is not None else None
             finally:
+                bar.advance(max(0, seg_done - bar.done))
                 recover.close_buffer(data)
     out.flush()
     return worst
