@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from . import format as fmt
-from . import reader, replay
-from .errors import NotAStoreError, StoreClosedError, StoreLockedError, WalstoreError
+from . import reader, replay, snapshot
+from .errors import CorruptionError, NotAStoreError, StoreClosedError, StoreLockedError, WalstoreError
 from .fileapi import DEFAULT, OSFileAPI
 from .writer import DURABILITY_MODES, ActiveSegment, LogWriter, WriterOptions, create_segment
 
@@ -138,6 +138,10 @@ class RecoveryInfo:
     """What `open()` found and did."""
 
     backend: str
+    snapshot_seq: int
+    """The base snapshot replayed (0: none)."""
+    rejected_snapshots: list[str]
+    """Newer snapshots that failed their checks and were moved to quarantine/."""
     last_seq: int
     segments: int
     closed_cleanly: bool
@@ -188,17 +192,36 @@ class LogCore:
                 )
             self.replayer = replayer_factory(self.identity)
             self._buffers: list[reader.Buffer] = []
-            state = replay.inspect_log(self.path, self.identity.store_id, 0, self.replayer, self._buffers)
+            self.snapshot_seq, rejected = self._load_snapshot()
+            try:
+                state = replay.inspect_log(
+                    self.path, self.identity.store_id, self.snapshot_seq, self.replayer, self._buffers
+                )
+            except CorruptionError as exc:
+                if rejected:
+                    path, why = rejected[0]
+                    raise CorruptionError(
+                        path, why.offset, why.seq, why.reason,
+                        f"{why}; the log it covered is gone, so the state cannot be rebuilt without it"
+                        f" (then: {exc})",
+                    ) from exc
+                raise
+            self.rejected_snapshots = [p for p, _ in rejected]
             self._remove_leftovers()  # only once the log is known good: a refused open changes nothing
             # A process that died may have left directory entries nobody fsynced (a segment
             # renamed into place, quarantine/): make them, and the removals above, durable
             # before anything is acknowledged on top of them.
             self.fs.fsync_dir(self.path)
+            for path in self.rejected_snapshots:
+                # The older snapshot and the complete log rebuilt the state without it.
+                replay.quarantine_file(self.fs, self.path, path, "snapshot failed its checks; not needed")
             quarantined = None
             if state.torn is not None:
                 quarantined = replay.cut_torn_tail(self.fs, self.path, state.torn)
             self.recovery = RecoveryInfo(
                 replay.backend(),
+                self.snapshot_seq,
+                self.rejected_snapshots,
                 state.last_seq,
                 len(state.segments),
                 state.closed_cleanly,
@@ -211,6 +234,16 @@ class LogCore:
             self.lock.release()
             raise
         self._closed = False
+
+    def _load_snapshot(self) -> tuple[int, list[tuple[str, CorruptionError]]]:
+        """Feed the newest valid snapshot to the replayer; return its seq (0: none) and the rejected."""
+        found, rejected = snapshot.newest_valid_snapshot(self.path, self.identity.store_id)
+        if found is None:
+            return 0, rejected
+        seq, _path, data, scan = found
+        self.replayer.apply_range(data, fmt.FILE_HEADER_SIZE, scan.end)
+        self._buffers.append(data)
+        return seq, rejected
 
     def release_buffers(self) -> None:
         """Drop the mapped segment files recovery kept for the replayer."""

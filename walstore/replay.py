@@ -134,6 +134,7 @@ def inspect_log(
     after_seq: int = 0,
     replayer: Optional[RangeReplayer] = None,
     keep: Optional[list[reader.Buffer]] = None,
+    until_seq: Optional[int] = None,
 ) -> LogState:
     """Read every segment holding records after `after_seq`, judge damage, optionally replay.
 
@@ -144,6 +145,8 @@ def inspect_log(
     """
     state = LogState(last_seq=after_seq)
     segs = list_segments(directory)
+    if until_seq is not None:  # compaction: only the sealed segments up to the snapshot point
+        segs = [(first, path) for first, path in segs if first <= until_seq]
     # Skip segments wholly covered by the base snapshot: those starting at or before
     # `after_seq` whose successor also starts at or before after_seq + 1.
     start_index = 0
@@ -271,6 +274,27 @@ def quarantine_bytes(
 
 def _json_bytes(obj: dict[str, object]) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def quarantine_file(fs: OSFileAPI, directory: str, path: str, why: str) -> str:
+    """Move a whole file into quarantine/ (never delete it), with a JSON report next to it."""
+    qdir = os.path.join(directory, fmt.QUARANTINE_DIR)
+    if not os.path.isdir(qdir):
+        fs.mkdir(qdir)
+        fs.fsync_dir(directory)
+    dest = os.path.join(qdir, f"{_utc_stamp()}-{os.path.basename(path)}")
+    report = {"action": "open", "kind": "file", "file": os.path.basename(path), "reason": why,
+              "bytes": os.path.getsize(path), "time": _dt.datetime.now(_dt.timezone.utc).isoformat()}
+    fd = fs.open(dest + ".json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        fs.pwrite(fd, _json_bytes(report), 0)
+        fs.fsync(fd)
+    finally:
+        fs.close(fd)
+    fs.rename(path, dest)
+    fs.fsync_dir(qdir)
+    fs.fsync_dir(directory)
+    return dest
 
 
 def cut_torn_tail(fs: OSFileAPI, directory: str, torn: TornTail, action: str = "open") -> str:

@@ -14,14 +14,16 @@ Guarantees (docs/GUARANTEES.md states them per durability mode):
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, MutableMapping
 from types import TracebackType
 from typing import Any, Optional, Union
 
 from . import format as fmt
+from . import replay, snapshot
 from .codec import Codec, get_codec
 from .core import Identity, LogCore, RecoveryInfo
-from .errors import KeyTypeError, TransactionClosedError
+from .errors import KeyTypeError, SnapshotError, TransactionClosedError
 from .fileapi import OSFileAPI
 from .kvreplay import make_kv_replayer
 from .writer import WriterOptions
@@ -69,8 +71,20 @@ class Store(MutableMapping[Key, Any]):
         preallocate: bool = True,
         create: bool = True,
         fs: Optional[OSFileAPI] = None,
+        auto_compact: bool = True,
+        compact_min_bytes: int = 64 << 20,
+        compact_ratio: float = 1.0,
+        keep_snapshots: int = 1,
     ) -> None:
         self._codec = get_codec(codec)
+        self._auto_compact = auto_compact
+        self._compact_min_bytes = compact_min_bytes
+        self._compact_ratio = compact_ratio
+        self._keep_snapshots = keep_snapshots
+        self._compact_lock = threading.Lock()
+        self._compact_thread: Optional[threading.Thread] = None
+        self.compactions = 0
+        self.last_compaction_error: Optional[BaseException] = None
         self._replayer: Any = None
 
         def factory(identity: Identity) -> Any:
@@ -87,6 +101,15 @@ class Store(MutableMapping[Key, Any]):
         self._replayer = None
         self._core.release_buffers()
         self._writer = self._core.writer
+        self._snapshot_seq = self._core.snapshot_seq
+        self._snapshot_size = 0
+        if self._snapshot_seq:
+            self._snapshot_size = os.path.getsize(
+                os.path.join(self.path, fmt.snapshot_name(self._snapshot_seq))
+            )
+            # Finish what an interrupted compaction left: segments the snapshot covers.
+            snapshot.remove_covered(self._core.fs, self.path, self._snapshot_seq, keep_snapshots)
+        self._compact_at = self._compact_threshold()
 
     # ---- identity and state ----------------------------------------------------
 
@@ -120,6 +143,11 @@ class Store(MutableMapping[Key, Any]):
             "durable_seq": w.durable_seq,
             "durability": self._core.options.durability,
             "backend": self._core.recovery.backend,
+            "snapshot_seq": self._snapshot_seq,
+            "snapshot_bytes": self._snapshot_size,
+            "log_bytes_since_snapshot": self._writer.log_bytes,
+            "compactions": self.compactions,
+            "last_compaction_error": repr(self.last_compaction_error) if self.last_compaction_error else None,
         }
 
     # ---- encoding --------------------------------------------------------------
@@ -198,7 +226,10 @@ class Store(MutableMapping[Key, Any]):
         def apply() -> None:
             data[key] = kept
 
-        self._writer.commit(_OPH_PACK(_PUT, kf | vf, 0, len(kb), len(vb)) + kb + vb, apply, durability)
+        w = self._writer
+        w.commit(_OPH_PACK(_PUT, kf | vf, 0, len(kb), len(vb)) + kb + vb, apply, durability)
+        if w.log_bytes > self._compact_at:
+            self._maybe_auto_compact()
 
     def delete(self, key: Key, *, durability: Optional[str] = None) -> bool:
         """Remove `key` as one commit; False (and nothing logged) if it was absent."""
@@ -211,8 +242,97 @@ class Store(MutableMapping[Key, Any]):
         def apply() -> None:
             data.pop(key, None)
 
-        self._writer.commit(_OPH_PACK(_DEL, kf, 0, len(kb), 0) + kb, apply, durability)
+        w = self._writer
+        w.commit(_OPH_PACK(_DEL, kf, 0, len(kb), 0) + kb, apply, durability)
+        if w.log_bytes > self._compact_at:
+            self._maybe_auto_compact()
         return True
+
+    # ---- compaction ------------------------------------------------------------
+
+    def _compact_threshold(self) -> float:
+        if not self._auto_compact:
+            return float("inf")
+        return max(self._compact_min_bytes, self._compact_ratio * self._snapshot_size)
+
+    def _maybe_auto_compact(self) -> None:
+        """Start a background compaction unless one is running (the automatic policy)."""
+        if self._core._closed or self._compact_lock.locked():
+            return  # the running compaction re-arms the threshold when it ends
+        self._compact_at = float("inf")
+        self.compact(wait=False)
+        if self._compact_thread is None or not self._compact_thread.is_alive():
+            self._compact_at = self._compact_threshold()
+
+    def compact(self, *, wait: bool = True) -> Optional[snapshot.SnapshotInfo]:
+        """Write a base snapshot of the state and drop the log it covers.
+
+        Commits continue meanwhile: the active segment is sealed at sequence
+        number S (a new one takes later commits), and the snapshot is rebuilt
+        from the previous snapshot plus the sealed segments, off the writer's
+        lock. A failed snapshot write leaves the store as it was and does not
+        poison it. With wait=False it runs in a background thread and returns None.
+        """
+        self._core.check_open()
+        if not self._compact_lock.acquire(blocking=wait):
+            return None
+        if wait:
+            try:
+                return self._compact_locked()
+            finally:
+                self._compact_lock.release()
+
+        def run() -> None:
+            try:
+                self._compact_locked()
+            except BaseException as exc:  # reported in stats(), never raised into a committer
+                self.last_compaction_error = exc
+            finally:
+                self._compact_lock.release()
+
+        t = threading.Thread(target=run, name="walstore-compact", daemon=True)
+        self._compact_thread = t
+        t.start()
+        return None
+
+    def _compact_locked(self) -> Optional[snapshot.SnapshotInfo]:
+        core = self._core
+        try:
+            seq = self._writer.seal_for_snapshot()
+            if seq == self._snapshot_seq:
+                return None
+            replayer = make_kv_replayer()
+            buffers: list[Any] = []
+            base = 0
+            found, _rejected = snapshot.newest_valid_snapshot(self.path, core.identity.store_id)
+            if found is not None:
+                base, _p, data, scan = found
+                replayer.apply_range(data, fmt.FILE_HEADER_SIZE, scan.end)
+                buffers.append(data)
+            state = replay.inspect_log(
+                self.path, core.identity.store_id, base, replayer, buffers, until_seq=seq
+            )
+            if state.last_seq != seq or state.torn is not None:
+                raise SnapshotError(
+                    f"sealed log ends at {state.last_seq}, expected {seq}; no snapshot written"
+                )
+            entries = replayer.finish(snapshot.CodecBytes)
+            for buf in buffers:
+                close = getattr(buf, "close", None)
+                if close is not None:
+                    close()
+            info = snapshot.write_snapshot(
+                core.fs, self.path, core.identity.store_id, seq, snapshot.kv_payloads(entries.items())
+            )
+            del entries
+            snapshot.remove_covered(core.fs, self.path, seq, self._keep_snapshots)
+            self._snapshot_seq = seq
+            self._snapshot_size = info.size
+            self.compactions += 1
+            self.last_compaction_error = None
+            return info
+        finally:
+            self._compact_at = self._compact_threshold()
 
     def transaction(self, *, durability: Optional[str] = None) -> Transaction:
         """An all-or-nothing group of changes: one COMMIT record when the block ends cleanly."""
@@ -225,7 +345,13 @@ class Store(MutableMapping[Key, Any]):
         self._writer.sync()
 
     def close(self) -> None:
-        """Sync, mark the log cleanly closed, release the lock. Idempotent."""
+        """Wait for a running compaction, sync, mark the log cleanly closed, release the lock.
+
+        Idempotent.
+        """
+        t = self._compact_thread
+        if t is not None:
+            t.join()
         self._core.close()
 
     def __enter__(self) -> Store:
@@ -326,8 +452,11 @@ class Transaction(MutableMapping[Key, Any]):
                 else:
                     data[k] = v
 
-        self._store._core.check_open()
-        self._store._writer.commit(payload, apply, self._durability)
+        store = self._store
+        store._core.check_open()
+        store._writer.commit(payload, apply, self._durability)
+        if store._writer.log_bytes > store._compact_at:
+            store._maybe_auto_compact()
 
     def rollback(self) -> None:
         """Discard the changes."""
@@ -361,6 +490,10 @@ def open(  # noqa: A001 - the natural name, as in shelve.open / dbm.open
     preallocate: bool = True,
     create: bool = True,
     fs: Optional[OSFileAPI] = None,
+    auto_compact: bool = True,
+    compact_min_bytes: int = 64 << 20,
+    compact_ratio: float = 1.0,
+    keep_snapshots: int = 1,
 ) -> Store:
     """Open (or create) the store in directory `path`.
 
@@ -368,6 +501,12 @@ def open(  # noqa: A001 - the natural name, as in shelve.open / dbm.open
     "interval" (a background fdatasync every `interval_ms`), or "none" (the OS
     decides; `sync()` forces). preallocate=False for copy-on-write
     filesystems (btrfs, ZFS), where pre-written zeros buy nothing.
+
+    Compaction: with auto_compact, a background compaction starts when the
+    log written since the last snapshot exceeds both `compact_min_bytes` and
+    `compact_ratio` times the snapshot's size (as Redis auto-aof-rewrite).
+    `keep_snapshots` older snapshots (with the log after them) are kept, so a
+    damaged newest snapshot can be rebuilt around.
     """
     return Store(
         path,
@@ -378,4 +517,8 @@ def open(  # noqa: A001 - the natural name, as in shelve.open / dbm.open
         preallocate=preallocate,
         create=create,
         fs=fs,
+        auto_compact=auto_compact,
+        compact_min_bytes=compact_min_bytes,
+        compact_ratio=compact_ratio,
+        keep_snapshots=keep_snapshots,
     )

@@ -97,9 +97,12 @@ class LogWriter:
         self._written_seq = last_seq
         self._durable_seq = last_seq
         self._syncing = False
+        self._draining = False
         self._poison: Optional[BaseException] = None
         self._closed = False
         self.commits = 0
+        self.log_bytes = 0
+        """Bytes of records written since open or since the last `seal_for_snapshot`."""
         self.fsyncs = 0
         self.rolls = 0
         self._prealloc_thread: Optional[threading.Thread] = None
@@ -155,6 +158,8 @@ class LogWriter:
         n = len(payload)
         size = _HS + ((n + 7) & ~7)
         with self._mutex:
+            while self._draining:  # a roll or close waits for the in-flight sync: let it through
+                self._cond.wait()
             if self._closed or self._poison is not None:
                 self._check_usable()
             seg = self._seg
@@ -176,6 +181,7 @@ class LogWriter:
             self._last_seq = seq
             self._written_seq = seq
             self.commits += 1
+            self.log_bytes += size
             try:
                 apply()
             except BaseException as exc:
@@ -221,7 +227,7 @@ class LogWriter:
                 self._check_usable()
             if self._closed:
                 raise StoreClosedError("the store was closed while a commit waited for its sync")
-            if self._syncing:
+            if self._syncing or self._draining:
                 self._cond.wait()
                 continue
             self._sync_leader()
@@ -264,7 +270,7 @@ class LogWriter:
             with self._cond:
                 if self._closed or self._poison is not None:
                     return
-                if self._written_seq > self._durable_seq and not self._syncing:
+                if self._written_seq > self._durable_seq and not self._syncing and not self._draining:
                     try:
                         self._sync_leader()
                     except StorePoisonedError:
@@ -272,9 +278,32 @@ class LogWriter:
 
     # ---- segments --------------------------------------------------------------
 
+    def seal_for_snapshot(self) -> int:
+        """Seal the active segment if it holds records, so a snapshot at the returned seq
+        covers whole segments; later commits go to a new segment."""
+        if self._opts.preallocate:  # prepare the next segment first, without holding up commits
+            with self._mutex:
+                if self._prealloc_thread is None and not self._prealloc_ready:
+                    self._start_prealloc()
+                thread = self._prealloc_thread
+            if thread is not None:
+                thread.join()
+        with self._mutex:
+            self._check_usable()
+            if self._seg.offset > fmt.FILE_HEADER_SIZE:
+                self._roll()
+            self.log_bytes = 0
+            return self._last_seq
+
     def _drain_syncs(self) -> None:
-        while self._syncing:
-            self._cond.wait()
+        """Wait (lock held) for an in-flight sync to end; no new commit or sync starts meanwhile."""
+        self._draining = True
+        try:
+            while self._syncing:
+                self._cond.wait()
+        finally:
+            self._draining = False
+            self._cond.notify_all()
 
     def _roll(self) -> None:
         """Seal the active segment and start the next one (lock held).
