@@ -759,7 +759,9 @@ def _check_segment_header(seg: SegmentInfo, data: Buffer, store_id: bytes, index
         raise
     except CorruptionError as exc:
         seg.header_problem = exc.reason
-        detail = str(exc).split(": ", 2)[-1] if ": " in str(exc) else str(exc)
+        msg = str(exc)
+        marker = f": {exc.reason}; "
+        detail = msg.split(marker, 1)[1] if marker in msg else ""
         seg.problems.append(Damage("corruption", index, seg.name, 0, seg.size, None, exc.reason, detail))
         return False
     if seg.header.first_seq != seg.name_seq:
