@@ -1,0 +1,186 @@
+"""Compaction: snapshots by temp file + fsync + rename, on demand and automatic, under load."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from storetools import ENOSPC, FailingFileAPI, crash, flip_bit
+
+import walstore
+from walstore import format as fmt
+from walstore import snapshot
+
+
+def names(path: Path, pattern: str) -> list[str]:
+    return sorted(p.name for p in path.glob(pattern))
+
+
+def test_compact_writes_snapshot_and_drops_covered_segments(tmp_path: Path, backend: str) -> None:
+    path = tmp_path / "db"
+    with walstore.open(path, segment_size=4096, auto_compact=False) as db:
+        for i in range(400):
+            db[f"k{i % 50}"] = i
+        db[b"bin"] = b"\x00\x01"
+        db["text"] = "t"
+        db["json"] = {"a": [1, 2]}
+        del db["k0"]
+        model = db.to_dict()
+        assert len(names(path, "seg-*.wal")) > 3
+        info = db.compact()
+        assert info is not None and info.seq == db.last_seq
+        assert names(path, "snap-*.snap") == [fmt.snapshot_name(info.seq)]
+        assert names(path, "seg-*.wal") == [fmt.segment_name(info.seq + 1)]
+        assert db.compact() is None  # nothing new since
+        db["after"] = 1
+        model["after"] = 1
+    with walstore.open(path, segment_size=4096) as db:
+        assert db.to_dict() == model
+        assert db.recovery.snapshot_seq == info.seq
+        assert isinstance(db[b"bin"], bytes) and db["json"] == {"a": [1, 2]}
+
+
+def test_snapshot_alone_with_empty_log_reopens(tmp_path: Path, backend: str) -> None:
+    path = tmp_path / "db"
+    with walstore.open(path, auto_compact=False) as db:
+        db["a"] = 1
+        db.compact()
+    with walstore.open(path) as db:
+        assert db.to_dict() == {"a": 1}
+        db.compact()  # a second compaction over an empty log changes nothing
+    with walstore.open(path) as db:
+        assert db.to_dict() == {"a": 1}
+
+
+def test_writers_keep_committing_during_background_compaction(tmp_path: Path, backend: str) -> None:
+    path = tmp_path / "db"
+    with walstore.open(path, segment_size=8192, auto_compact=False, durability="none") as db:
+        for i in range(2000):
+            db[f"k{i}"] = i
+        stop = threading.Event()
+        written: dict[str, int] = {}
+
+        def writer() -> None:
+            j = 0
+            while not stop.is_set() or j < 200:
+                db[f"w{j % 300}"] = j
+                written[f"w{j % 300}"] = j
+                j += 1
+
+        t = threading.Thread(target=writer)
+        t.start()
+        for _ in range(3):
+            db.compact()
+        stop.set()
+        t.join()
+        model = db.to_dict()
+        assert all(model[k] == v for k, v in written.items())
+    with walstore.open(path, segment_size=8192) as db:
+        assert db.to_dict() == model
+
+
+def test_automatic_compaction_bounds_disk_use_and_reopen(tmp_path: Path) -> None:
+    """10,000 keys overwritten 200,000 times (bench/compaction.py runs 1,000,000)."""
+    path = tmp_path / "db"
+    live = 0
+    peak = 0
+    with walstore.open(
+        path, durability="none", segment_size=1 << 20, compact_min_bytes=2 << 20, compact_ratio=1.0
+    ) as db:
+        for i in range(200_000):
+            db[f"key{i % 10_000:06d}"] = b"v" * 50
+            if i % 5000 == 0:
+                peak = max(peak, du(path))
+        live = sum(len(k) + 50 for k in db)
+        assert db.stats()["compactions"] >= 3
+    peak = max(peak, du(path))
+    assert peak < 20 * live + (8 << 20), (peak, live)
+    with walstore.open(path) as db:
+        assert len(db) == 10_000
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
+def test_corrupt_newest_snapshot_with_log_gone_is_a_clear_error(tmp_path: Path, backend: str) -> None:
+    path = tmp_path / "db"
+    with walstore.open(path, segment_size=4096, auto_compact=False) as db:
+        for i in range(300):
+            db[f"k{i}"] = i
+        info = db.compact()
+    assert info is not None
+    flip_bit(Path(info.path), 200)
+    before = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file() and p.name != "LOCK"}
+    with pytest.raises(walstore.CorruptionError) as err:
+        walstore.open(path, segment_size=4096)
+    assert os.path.basename(info.path) in str(err.value) and "cannot be rebuilt" in str(err.value)
+    after = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file() and p.name != "LOCK"}
+    assert after == before
+
+
+def test_corrupt_newest_snapshot_falls_back_to_older_one_and_reports(tmp_path: Path, backend: str) -> None:
+    path = tmp_path / "db"
+    with walstore.open(path, segment_size=4096, auto_compact=False, keep_snapshots=2) as db:
+        for i in range(200):
+            db[f"k{i}"] = i
+        first = db.compact()
+        for i in range(200, 300):
+            db[f"k{i}"] = i
+        newest = db.compact()
+        model = db.to_dict()
+    assert first is not None and newest is not None
+    assert names(path, "snap-*.snap") == [os.path.basename(first.path), os.path.basename(newest.path)]
+    flip_bit(Path(newest.path), 300)
+    with walstore.open(path, segment_size=4096, keep_snapshots=2) as db:
+        assert db.to_dict() == model
+        assert db.recovery.snapshot_seq == first.seq
+        assert db.recovery.rejected_snapshots == [newest.path]
+    kept = [p.name for p in (path / fmt.QUARANTINE_DIR).iterdir()]
+    assert any(n.endswith(os.path.basename(newest.path)) for n in kept)
+
+
+def test_failed_snapshot_write_changes_nothing_and_does_not_poison(tmp_path: Path) -> None:
+    fs = FailingFileAPI()
+    path = tmp_path / "db"
+    db = walstore.open(path, segment_size=4096, auto_compact=False, fs=fs)
+    for i in range(100):
+        db[f"k{i}"] = i
+    db._writer.seal_for_snapshot()  # seal now, so the only fsync left to fail is the snapshot's
+    segs_before = names(path, "seg-*.wal")
+    fs.fail["fsync"] = (fs.calls.get("fsync", 0), ENOSPC)
+    with pytest.raises(walstore.DiskFullError):
+        db.compact()
+    del fs.fail["fsync"]
+    assert names(path, "snap-*") == []  # the temp snapshot is gone too
+    assert set(segs_before) <= set(names(path, "seg-*.wal"))
+    db["after"] = 1  # writers are not poisoned by a failed snapshot
+    assert db.compact() is not None
+    db.close()
+    with walstore.open(path, segment_size=4096) as db2:
+        assert len(db2) == 101
+
+
+def test_interrupted_compaction_leftovers_are_cleaned(tmp_path: Path, backend: str) -> None:
+    """A temp snapshot, and a snapshot renamed into place whose old segments remain."""
+    path = tmp_path / "db"
+    db = walstore.open(path, segment_size=4096, auto_compact=False)
+    for i in range(300):
+        db[f"k{i}"] = i
+    seq = db._writer.seal_for_snapshot()
+    entries = {f"k{i}": i for i in range(300)}
+    model = db.to_dict()
+    crash(db)
+    payloads = snapshot.kv_payloads(
+        (k, snapshot.CodecBytes(str(v).encode())) for k, v in entries.items()
+    )
+    snapshot.write_snapshot(walstore.fileapi.DEFAULT, str(path), db._core.identity.store_id, seq, payloads)
+    (path / (fmt.snapshot_name(seq + 5) + ".tmp")).write_bytes(b"half a snapshot")
+    assert len(names(path, "seg-*.wal")) > 2
+    with walstore.open(path, segment_size=4096) as db2:
+        assert db2.to_dict() == model
+        assert db2.recovery.snapshot_seq == seq
+    assert names(path, "seg-*.wal") == [fmt.segment_name(seq + 1)]
+    assert not list(path.glob("*.tmp"))
