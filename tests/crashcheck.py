@@ -229,7 +229,8 @@ def run_commit(db: walstore.Store, c: Commit) -> bool:
 @dataclass
 class Event:
     kind: str
-    """"commit", "sync" (db.sync() or close: everything acknowledged before it is durable)."""
+    """"commit", "sync" (db.sync() or close: everything acknowledged before it is durable),
+    "compact" (no promise of its own)."""
     attempt: int
     ack: Optional[int] = None
     cid: int = -1
@@ -399,6 +400,22 @@ class Runner:
         self.sync(close=True)
         self.db = None
 
+    def compact(self) -> None:
+        """db.compact(): a snapshot and the removal of the log it covers (the state is unchanged)."""
+        db = self.db
+        assert db is not None
+        ev = Event("compact", self.rec.mark())
+        try:
+            db.compact()
+        except Exception as exc:
+            ev.error = f"{type(exc).__name__}: {exc}"
+            self.history.add(ev)
+            if self.rec.dead:
+                raise ProcessDied() from exc
+            raise
+        ev.ack = self.rec.mark()
+        self.history.add(ev)
+
     def bury(self) -> None:
         """After the process died: release what the dead store held (lock, threads, mappings)."""
         db = self.db
@@ -408,6 +425,9 @@ class Runner:
         core = db._core
         writer = core.writer
         writer._stop_flusher.set()
+        compaction = getattr(db, "_compact_thread", None)
+        if compaction is not None:
+            compaction.join(60)  # its calls fail now; let it end
         try:
             writer.abandon()
         except Exception:  # noqa: BLE001 - the dead process's calls fail; only the cleanup matters

@@ -70,11 +70,12 @@ def _check_all(
 @pytest.mark.parametrize("backend", cc.BACKENDS)
 def test_sync_workload(tmp_path: Any, monkeypatch: Any, backend: str) -> None:
     """Create, commit (puts, deletes, transactions, values over a sector and over a segment),
-    roll segments with preallocation, sync, close, reopen, commit, close: every crash state."""
+    roll segments with preallocation, sync, compact twice (snapshot, older snapshot and covered
+    segments removed), close, reopen from the snapshot, commit, close: every crash state."""
     cc.select_backend(backend, monkeypatch)
     seed = cc.base_seed(1001)
     rec, hist = _record(tmp_path, "run")
-    kw: dict[str, Any] = {"segment_size": SEG}
+    kw: dict[str, Any] = {"segment_size": SEG, "auto_compact": False}
     run = cc.Runner(rec, hist, **kw)
     run.open()
     commits = cc.make_commits(seed, 56)
@@ -82,6 +83,8 @@ def test_sync_workload(tmp_path: Any, monkeypatch: Any, backend: str) -> None:
         run.commit(c)
         if c.cid == 12:
             run.sync()
+        if c.cid in (20, 33):
+            run.compact()  # a snapshot, then the segments it covers removed
     run.close()
     run.open()  # recovery of a cleanly closed store, recorded too
     for c in commits[40:]:
@@ -89,6 +92,25 @@ def test_sync_workload(tmp_path: Any, monkeypatch: Any, backend: str) -> None:
     run.close()
     checker = _check_all(tmp_path, rec, hist, "sync workload", seed, cc.budget(2200), kw)
     assert checker.torn_tails > 0, "no crash state had a torn tail: the model is not tearing anything"
+
+
+@pytest.mark.parametrize("backend", cc.BACKENDS)
+def test_automatic_compaction(tmp_path: Any, monkeypatch: Any, backend: str) -> None:
+    """Background compactions (a tiny threshold) while commits go on, keeping two snapshots."""
+    cc.select_backend(backend, monkeypatch)
+    seed = cc.base_seed(1501)
+    rec, hist = _record(tmp_path, "run")
+    kw: dict[str, Any] = {"segment_size": SEG, "compact_min_bytes": 6000, "keep_snapshots": 2}
+    run = cc.Runner(rec, hist, **kw)
+    db = run.open()
+    for c in cc.make_commits(seed, 40):
+        run.commit(c)
+    stats = db.stats()
+    run.close()
+    model = rec.model()
+    snaps = sum(1 for op in model.ops if op.kind == crashfs.RENAME and op.dst.endswith(".snap"))
+    assert snaps >= 2, f"only {snaps} snapshots were written: {stats}"
+    _check_all(tmp_path, rec, hist, "automatic compaction", seed, cc.budget(900), kw)
 
 
 @pytest.mark.parametrize("backend", cc.BACKENDS)
