@@ -292,7 +292,7 @@ def test_quick_json_c_timer(c_root: Path, tmp_path: Path) -> None:
             check_latency(f[k], "fio " + k)
         assert f["ratio_sync_p50"] > 0 and f["ratio_ops_per_s"] > 0 and f["tolerance"] == 0.25
         assert isinstance(f["within_tolerance"], bool) and isinstance(f["ops_within_tolerance"], bool)
-        assert len(f["rounds"]) == 3
+        assert len(f["rounds"]) == bench.QUICK.fio_rounds
         for r in f["rounds"]:
             assert r["bench_ops_per_s"] > 0 and r["fio_ops_per_s"] > 0
             check_latency(r["bench_sync_latency_us"], "round bench")
