@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -98,6 +99,10 @@ class LogWriter:
         self._durable_seq = last_seq
         self._syncing = False
         self._draining = False
+        self._gathering = False
+        self._waiters = 0
+        self._last_waiters = 0
+        self._last_sync_s = 0.0
         self._poison: Optional[BaseException] = None
         self._closed = False
         self.commits = 0
@@ -181,6 +186,8 @@ class LogWriter:
             self._last_seq = seq
             self._written_seq = seq
             self.commits += 1
+            if self._gathering:
+                self._cond.notify_all()
             self.log_bytes += size
             try:
                 apply()
@@ -222,15 +229,40 @@ class LogWriter:
 
     def _wait_durable(self, seq: int) -> None:
         """Block (lock held) until an fdatasync that began after `seq` was written has returned."""
-        while self._durable_seq < seq:
-            if self._poison is not None:
-                self._check_usable()
-            if self._closed:
-                raise StoreClosedError("the store was closed while a commit waited for its sync")
-            if self._syncing or self._draining:
-                self._cond.wait()
-                continue
-            self._sync_leader()
+        self._waiters += 1
+        try:
+            while self._durable_seq < seq:
+                if self._poison is not None:
+                    self._check_usable()
+                if self._closed:
+                    raise StoreClosedError("the store was closed while a commit waited for its sync")
+                if self._syncing or self._draining or self._gathering:
+                    self._cond.wait()
+                    continue
+                self._gather()
+                self._sync_leader()
+        finally:
+            self._waiters -= 1
+
+    def _gather(self) -> None:
+        """Group commit: before leading a sync, give the committers that shared the last
+        sync a moment (at most half an fdatasync, at most 1 ms) to write their next records.
+
+        A lone committer never waits: it shared its last sync with nobody.
+        """
+        want = self._last_waiters
+        if want <= 1 or self._written_seq - self._durable_seq >= want:
+            return
+        self._gathering = True
+        try:
+            deadline = time.monotonic() + min(0.001, self._last_sync_s / 2)
+            while self._written_seq - self._durable_seq < want and self._poison is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+        finally:
+            self._gathering = False
 
     def _sync_leader(self) -> None:
         """Lead one fdatasync covering every record written so far (lock held on entry and exit)."""
@@ -239,12 +271,14 @@ class LogWriter:
         fd = self._seg.fd
         error: Optional[OSError] = None
         self._cond.release()
+        started = time.monotonic()
         try:
             try:
                 self._fs.fdatasync(fd)
             except OSError as exc:
                 error = exc
         finally:
+            self._last_sync_s = time.monotonic() - started
             self._cond.acquire()
             self._syncing = False
         if error is not None:
@@ -256,6 +290,7 @@ class LogWriter:
         self.fsyncs += 1
         if target > self._durable_seq:
             self._durable_seq = target
+        self._last_waiters = self._waiters
         self._cond.notify_all()
 
     def sync(self) -> None:
