@@ -560,3 +560,28 @@ def test_progress_bar_only_on_a_terminal() -> None:
     shown.advance(1 << 19)
     line = shown.line()
     assert "scanning [" in line and "50.0%" in line and "ETA" in line
+
+
+def test_snapshots_are_shown_checked_and_a_rejected_one_is_quarantined(tmp_path: Path) -> None:
+    p = tmp_path / "s"
+    if not hasattr(walstore.Store, "compact"):
+        pytest.skip("this version has no snapshots")
+    with walstore.open(p, segment_size=SEG, keep_snapshots=2, auto_compact=False) as db:
+        for i in range(1, 101):
+            db[f"k{i}"] = value(i)
+            if i in (40, 80):
+                db.compact()
+    snaps = sorted(p.glob("snap-*.snap"))
+    assert len(snaps) == 2
+    info = wal("info", p)
+    assert info.returncode == 0 and "the base open() replays" in info.stdout and snaps[-1].name in info.stdout
+    assert json.loads(wal("info", p, "--json").stdout)["snapshot"]["name"] == snaps[-1].name
+    flip(snaps[-1], snaps[-1].stat().st_size - 20)
+    v = wal("verify", p)
+    assert v.returncode == 1 and "SNAPSHOT REJECTED" in v.stdout
+    r = wal("recover", p, "--yes", "--json")
+    assert r.returncode == 0, r.stderr
+    (move,) = json.loads(r.stdout)["actions"]
+    assert move["segment"] == snaps[-1].name and (p / move["saved_as"]).exists()
+    assert wal("verify", p).returncode == 0
+    assert open_state(p) == expected(100)

@@ -361,3 +361,54 @@ def test_random_damage(tmp_path: Path, closed: bool) -> None:
             else:
                 assert state == prefix, (seed, what, mode)
             assert analyze(q).verdict == "clean", (seed, what, mode)
+
+
+def _opens(path: Path) -> bool:
+    """Whether open() accepts a copy of the store (the oracle for the analysis's verdict)."""
+    q = path.with_name(path.name + "-oracle")
+    shutil.copytree(path, q)
+    try:
+        with walstore.open(q, create=False):
+            return True
+    except CorruptionError:
+        return False
+    finally:
+        shutil.rmtree(q)
+
+
+def test_random_damage_with_snapshots(tmp_path: Path) -> None:
+    import random
+
+    if not hasattr(walstore.Store, "compact"):
+        pytest.skip("this version has no snapshots")
+    base = tmp_path / "base"
+    with walstore.open(base, segment_size=SEG, keep_snapshots=2, auto_compact=False) as db:
+        for i in range(1, 101):
+            db[f"k{i}"] = value(i)
+            if i in (30, 60):
+                db.compact()
+    files = sorted(f.name for f in base.iterdir() if f.suffix in (".wal", ".snap"))
+    assert any(f.endswith(".snap") for f in files)
+    full = expected(100)
+    for seed in range(int(os.environ.get("WALSTORE_DAMAGE_SEEDS", "25"))):
+        rng = random.Random(1000 + seed)
+        p = tmp_path / f"s{seed}"
+        shutil.copytree(base, p)
+        target = p / rng.choice(files)
+        flip(target, rng.randrange(target.stat().st_size))
+        a = analyze(p)
+        assert (a.verdict != "corruption") == _opens(p), (seed, target.name, a.problems)
+        for mode in ("torn-tail", "last-consistent", "skip-damaged"):
+            q = tmp_path / f"s{seed}-{mode}"
+            shutil.copytree(p, q)
+            plan = recover.plan_recovery(analyze(q), mode)
+            if plan.refused:
+                assert mode == "torn-tail" and a.verdict == "corruption"
+                continue
+            if not plan.nothing_to_do:
+                run(q, mode)
+            state = open_keys(q)
+            prefix = expected(a.last_seq)
+            assert {k: state[k] for k in prefix if k in state} == prefix, (seed, target.name, mode)
+            assert all(full[k] == v for k, v in state.items()), (seed, target.name, mode)
+            assert analyze(q).verdict == "clean", (seed, target.name, mode)

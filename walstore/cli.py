@@ -212,9 +212,10 @@ def _verdict_line(a: recover.Analysis) -> str:
         if a.closed_cleanly:
             return f"clean (closed cleanly at seq {a.last_seq})"
         return f"clean (not closed: the last writer crashed or is running; last seq {a.last_seq})"
-    assert d is not None or v == "corruption"
-    if d is None:
-        return "CORRUPT: the snapshot is damaged"
+    if v == "snapshot-rejected" or d is None:
+        names = ", ".join(x.name for x in a.rejected_snapshots)
+        return (f"SNAPSHOT REJECTED: {names} failed its checks; open() will use the older base and the log,"
+                f" and move it to quarantine/ (last seq {a.last_seq})")
     if v == "in-progress":
         return (f"a writer (pid {a.holder_pid or '?'}) is appending: {d.length} bytes in progress at"
                 f" {d.segment}:{d.offset}; valid up to seq {a.last_seq}")
@@ -222,6 +223,16 @@ def _verdict_line(a: recover.Analysis) -> str:
         return (f"TORN TAIL: {d.length} bytes at {d.segment}:{d.offset} (seq {d.seq}) past the durable point;"
                 f" open() will cut them and keep them in quarantine/")
     return f"CORRUPT: {d.describe()}"
+
+
+def _snap_text(snap: recover.SnapshotInfo) -> str:
+    if snap.role == "base":
+        return f"valid, {_n(snap.ops)} entries: the base open() replays"
+    if snap.role == "rejected":
+        return f"INVALID ({snap.problem}): open() skips it and moves it to quarantine/"
+    if snap.valid:
+        return "valid, older than the base (not read)"
+    return f"INVALID ({snap.problem}), older than the base (not read)"
 
 
 def _info_text(a: recover.Analysis) -> str:
@@ -240,9 +251,7 @@ def _info_text(a: recover.Analysis) -> str:
         lines.append("writer       none (not locked)")
     if a.snapshots:
         for snap in a.snapshots:
-            mark = " (base)" if snap is a.base else ""
-            state = f"valid, {_n(snap.ops)} entries" if snap.valid else f"INVALID: {snap.problem}"
-            lines.append(f"snapshot     {snap.name}  seq {snap.seq}  {_n(snap.size)} B  {state}{mark}")
+            lines.append(f"snapshot     {snap.name}  seq {snap.seq}  {_n(snap.size)} B  {_snap_text(snap)}")
     else:
         lines.append("snapshot     none")
     total = sum(s.size for s in a.segments)
@@ -270,7 +279,7 @@ def _verify_exit(a: recover.Analysis) -> int:
     v = a.verdict
     if v == "corruption":
         return EXIT_CORRUPT
-    if v == "torn-tail":
+    if v in ("torn-tail", "snapshot-rejected"):
         return EXIT_TORN
     return EXIT_OK
 
@@ -299,12 +308,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
             _emit_json(doc)
             return code
         out = _out()
-        for s in a.snapshots:
-            out.write(f"{s.name}: {'ok' if s.valid else 'INVALID: ' + s.problem}\n")
+        for snap in a.snapshots:
+            out.write(f"{snap.name}: seq {snap.seq}: {_snap_text(snap)}\n")
         for seg in a.segments:
             out.write(f"{seg.name}: {_seq_range(seg)}, {seg.records} records: {seg.describe_verdict()}\n")
         out.write(_verdict_line(a) + "\n")
-        if code == EXIT_TORN:
+        if code == EXIT_TORN and a.verdict == "torn-tail":
             out.write("the torn tail was never acknowledged; `walstore recover` (or open()) cuts it\n")
         elif code == EXIT_CORRUPT:
             out.write("synced data is damaged; see `walstore recover --help` (try --dry-run first)\n")
@@ -578,6 +587,8 @@ def _plan_text(plan: recover.Plan) -> str:
         if act.action == "cut":
             lines.append(f"  cut   {act.segment} bytes {act.offset}..{act.end} ({_n(act.bytes)} B,"
                          f" {act.records} valid records{seq}) -> quarantine; reason: {act.reason}")
+        elif act.action == "move" and fmt.SNAPSHOT_NAME.match(act.segment):
+            lines.append(f"  move  {act.segment} ({_n(act.bytes)} B) -> quarantine; {act.reason}")
         elif act.action == "move":
             lines.append(f"  move  {act.segment} ({_n(act.bytes)} B, holds {act.records} records{seq})"
                          f" -> quarantine; {act.reason}")
@@ -697,8 +708,10 @@ def _open_existing(path: str) -> Any:
     import walstore
 
     ident = core.read_identity(path)
+    sizes = [os.path.getsize(p) for _s, p in replay.list_segments(path)]
+    extra: dict[str, Any] = {"segment_size": max(sizes)} if sizes and max(sizes) >= 4096 else {}
     try:
-        return walstore.open(path, create=False, codec=ident.codec)
+        return walstore.open(path, create=False, codec=ident.codec, **extra)
     except ValueError as exc:
         raise CLIError(str(exc), EXIT_STORE) from None
 
@@ -718,9 +731,12 @@ def cmd_compact(args: argparse.Namespace) -> int:
         db.close()
     after = _segments_total(path)
     out = _out()
-    out.write(f"compacted {path}: segments {_n(before)} -> {_n(after)} bytes\n")
-    if result is not None:
-        out.write(f"{result}\n")
+    if result is None:
+        out.write(f"nothing to compact in {path}: the newest snapshot already covers the log\n")
+        return EXIT_OK
+    out.write(f"compacted {path}: snapshot {os.path.basename(result.path)} (seq {result.seq},"
+              f" {_n(result.ops)} entries, {_n(result.size)} bytes);"
+              f" segments {_n(before)} -> {_n(after)} bytes\n")
     return EXIT_OK
 
 

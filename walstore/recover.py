@@ -259,7 +259,7 @@ def count_range(
 
 
 # ---------------------------------------------------------------------------
-# Snapshots (checked by the format spec; docs/FORMAT.md, "Snapshot files")
+# Snapshots: checked by walstore.snapshot.check_snapshot, chosen as open() chooses them
 
 
 @dataclass
@@ -269,6 +269,9 @@ class SnapshotInfo:
     seq: int
     size: int
     valid: bool
+    role: str = ""
+    """"base" (the one open() replays), "rejected" (newer than the base and invalid: open() moves it
+    to quarantine/), or "older" (older than the base: open() never reads it)."""
     problem: str = ""
     records: int = 0
     ops: int = 0
@@ -279,7 +282,8 @@ class SnapshotInfo:
             "seq": self.seq,
             "size": self.size,
             "valid": self.valid,
-            "problem": self.problem,
+            "role": self.role,
+            "problem": self.problem or None,
             "records": self.records,
             "ops": self.ops,
         }
@@ -287,43 +291,21 @@ class SnapshotInfo:
 
 def check_snapshot(path: str, store_id: bytes) -> tuple[SnapshotInfo, Buffer]:
     """Check one snapshot file completely; a snapshot with any damage is invalid as a whole."""
+    from . import snapshot as snapmod
+
     name = os.path.basename(path)
     m = fmt.SNAPSHOT_NAME.match(name)
-    name_seq = int(m.group(1)) if m else -1
     data = replay.read_file(path)
-    info = SnapshotInfo(name, path, name_seq, len(data), False)
+    info = SnapshotInfo(name, path, int(m.group(1)) if m else -1, len(data), False)
     try:
-        header = replay.check_header(path, _b(data), fmt.KIND_SNAPSHOT, store_id)
+        _seq, scan = snapmod.check_snapshot(path, _b(data), store_id)
     except CorruptionError as exc:
-        info.problem = f"{exc.reason}: {exc}"
+        msg = str(exc)
+        info.problem = msg.split(": ", 1)[1] if msg.startswith("corruption in ") and ": " in msg else msg
         return info, data
-    if header.first_seq != name_seq:
-        info.problem = f"bad-header: header says sequence number {header.first_seq}"
-        return info, data
-    ends: list[tuple[int, int]] = []
-    nonlocal_counts = [0, 0]
-
-    def note(rtype: int, seq: int, off: int, payload: memoryview) -> None:
-        if rtype == fmt.REC_SNAPSHOT_END:
-            ends.append(fmt.SNAPSHOT_END_PAYLOAD.unpack_from(payload))
-        elif ends:
-            ends.append((-1, -1))  # a data record after the end record
-        nonlocal_counts[0] += rtype == fmt.REC_SNAPSHOT_DATA
-        if rtype == fmt.REC_SNAPSHOT_DATA:
-            nonlocal_counts[1] += sum(1 for _ in fmt.iter_ops(payload))
-
-    scan = reader.scan_records(_b(data), _FH, header.first_seq, reader.SNAPSHOT_TYPES, note)
-    info.records, info.ops = nonlocal_counts
-    if scan.damage is not None:
-        info.problem = f"{scan.damage} at offset {scan.end}" + (f": {scan.detail}" if scan.detail else "")
-    elif len(ends) != 1:
-        info.problem = "no valid snapshot-end record" if not ends else "records after the snapshot-end record"
-    elif ends[0] != (info.records, info.ops):
-        info.problem = (
-            f"snapshot-end counts {ends[0]} do not match {info.records} records, {info.ops} operations"
-        )
-    else:
-        info.valid = True
+    end = scan.end - fmt.frame_size(fmt.SNAPSHOT_END_PAYLOAD.size) + _HS
+    info.records, info.ops = fmt.SNAPSHOT_END_PAYLOAD.unpack_from(data, end)
+    info.valid = True
     return info, data
 
 
@@ -487,14 +469,21 @@ class Analysis:
 
     @property
     def verdict(self) -> str:
-        """"clean", "in-progress", "torn-tail" or "corruption" (the worst problem)."""
+        """"clean", "snapshot-rejected", "in-progress", "torn-tail" or "corruption" (the worst first)."""
         kinds = {p.kind for p in self.problems}
-        if any(not s.valid for s in self.snapshots) or "corruption" in kinds:
-            return "corruption"  # snapshot files are renamed into place whole: a bad one was damaged
+        if "corruption" in kinds:
+            return "corruption"
         for k in ("torn-tail", "in-progress"):
             if k in kinds:
                 return k
+        if self.rejected_snapshots:
+            return "snapshot-rejected"
         return "clean"
+
+    @property
+    def rejected_snapshots(self) -> list[SnapshotInfo]:
+        """Snapshots newer than the base that fail their checks: open() moves them to quarantine/."""
+        return [s for s in self.snapshots if s.role == "rejected"]
 
     @property
     def base_seq(self) -> int:
@@ -581,18 +570,22 @@ def analyze(
     holder = core.holder_pid(path) if running else None
     store_id = identity.store_id
     # Snapshots: the newest valid one is the base the log continues from.
+    from . import snapshot as snapmod
+
     snapshots: list[SnapshotInfo] = []
     snap_bufs: dict[str, Buffer] = {}
-    for name in sorted(os.listdir(path)):
-        if fmt.SNAPSHOT_NAME.match(name):
-            info, data = check_snapshot(os.path.join(path, name), store_id)
-            snapshots.append(info)
-            snap_bufs[name] = data
-    base = None
-    for s in sorted(snapshots, key=lambda s: s.seq, reverse=True):
-        if s.valid:
-            base = s
-            break
+    base: Optional[SnapshotInfo] = None
+    for _seq, spath in snapmod.list_snapshots(path):  # newest first, as open() looks
+        info, data = check_snapshot(spath, store_id)
+        if base is not None:
+            info.role = "older"
+        elif info.valid:
+            info.role = "base"
+            base = info
+        else:
+            info.role = "rejected"
+        snapshots.append(info)
+        snap_bufs[info.name] = data
     if replayer is None and with_state:
         from .kvreplay import make_kv_replayer
 
@@ -915,17 +908,27 @@ def _merge(ranges: list[list[int]]) -> list[list[int]]:
 
 def plan_recovery(analysis: Analysis, mode: str, segment_size: Optional[int] = None) -> Plan:
     """Decide what `mode` does to this store (reads the damaged part of the log again; changes nothing)."""
+    plan = _plan_recovery(analysis, mode, segment_size)
+    if plan.refused:
+        plan.actions = []
+    return plan
+
+
+def _plan_recovery(analysis: Analysis, mode: str, segment_size: Optional[int]) -> Plan:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     plan = Plan(mode, analysis, kept_last_seq=analysis.last_seq)
-    bad_snaps = [s.name for s in analysis.snapshots if not s.valid]
-    if bad_snaps:
-        plan.notes.append(f"invalid snapshot files ({', '.join(bad_snaps)}) are left alone: recover"
-                          " repairs the log only (docs/RECOVERY.md, snapshots)")
+    older_bad = [s.name for s in analysis.snapshots if s.role == "older" and not s.valid]
+    if older_bad:
+        plan.notes.append(f"invalid snapshots older than the base ({', '.join(older_bad)}) are left"
+                          " alone: open() never reads them")
     d = analysis.damage
+    if d is None or d.kind != "in-progress":
+        for snap in analysis.rejected_snapshots:  # what open() does with them, too
+            plan.actions.append(Action("move", snap.name, 0, snap.size, 0, None, None, snap.size,
+                                       f"snapshot failed its checks ({snap.problem}); the older base"
+                                       " and the log rebuild the state without it"))
     if d is None:
-        if bad_snaps:
-            plan.refused = f"only snapshot files are damaged ({', '.join(bad_snaps)}); recover repairs logs"
         return plan
     if d.kind == "in-progress":
         plan.refused = "a writer holds the store; its tail is being written right now"
@@ -1274,9 +1277,7 @@ def execute(plan: Plan, fs: Optional[OSFileAPI] = None) -> dict[str, Any]:
         "status": "running",
         **plan.to_dict(),
     }
-    d = a.damage
-    assert d is not None
-    if plan.mode == "skip-damaged":
+    if plan.mode == "skip-damaged" and a.damage is not None:
         _execute_skip(plan, fs, run_dir, report)
     else:
         for act in plan.actions:
