@@ -133,10 +133,14 @@ def write_sqlite(path: str, keys: list[bytes], values: list[bytes]) -> None:
     conn.close()
 
 
-def replay(paths: list[str], scan: Callable[..., reader.ScanResult], replayer: Any) -> dict[Any, Any]:
-    """Open, map, scan and replay every segment, then build the dict."""
+def replay(
+    paths: list[str], scan: Callable[..., reader.ScanResult], replayer: Any, phases: dict[str, float]
+) -> dict[Any, Any]:
+    """Open, map, scan and replay every segment, then build the dict; adds phase times to `phases`."""
     maps = []
+    t_scan = t_apply = 0.0
     for path in paths:
+        t0 = time.perf_counter()
         with open(path, "rb") as f:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         maps.append(mm)
@@ -144,10 +148,15 @@ def replay(paths: list[str], scan: Callable[..., reader.ScanResult], replayer: A
         result = scan(mm, fmt.FILE_HEADER_SIZE, head.first_seq, reader.SEGMENT_TYPES)
         if result.damage is not None:
             raise SystemExit(f"{path}: unexpected damage {result.damage} at {result.end}")
+        t1 = time.perf_counter()
         replayer.apply_range(mm, fmt.FILE_HEADER_SIZE, result.end)
+        t_scan += t1 - t0
+        t_apply += time.perf_counter() - t1
+    t0 = time.perf_counter()
     state: dict[Any, Any] = replayer.finish(bytes)
     for mm in maps:
         mm.close()
+    phases.update(scan=t_scan, apply=t_apply, finish=time.perf_counter() - t0)
     return state
 
 
@@ -197,8 +206,15 @@ def main() -> None:
             f" and sqlite3 in {time.perf_counter() - t0:.1f} s; crc32c: {native.crc32c_impl()}"
         )
 
-        t_c, d_c = best(lambda: replay(paths, native.scan_records, native.KVReplayer()), args.repeat)
-        t_py, d_py = best(lambda: replay(paths, reader.scan_records, PyKVReplayer()), 1)
+        c_runs: list[dict[str, float]] = []
+        py_phases: dict[str, float] = {}
+
+        def c_replay() -> dict[Any, Any]:
+            c_runs.append({})
+            return replay(paths, native.scan_records, native.KVReplayer(), c_runs[-1])
+
+        t_c, d_c = best(c_replay, args.repeat)
+        t_py, d_py = best(lambda: replay(paths, reader.scan_records, PyKVReplayer(), py_phases), 1)
         assert list(d_c.items()) == list(d_py.items()), "C and Python replay disagree"
         del d_py
         fresh_keys = [bytes(k) for k in keys]  # uncached hashes, as replay's keys
@@ -224,6 +240,9 @@ def main() -> None:
             ("sqlite3", t_sql),
         ):
             print(f"{name:<10}{t:>10.3f}")
+        c_best = min(c_runs, key=lambda p: sum(p.values()))
+        for name, p in (("c", c_best), ("python", py_phases)):
+            print(f"{name} phases: " + ", ".join(f"{k} {v:.3f} s" for k, v in p.items()))
         print(f"C vs Python: {t_py / t_c:.1f}x faster (target >= 10x)")
         print(f"C vs floor: {t_c / t_floor:.2f}x the floor (target <= 2x)")
         print(f"C vs floor+: {t_c / t_floor_plus:.2f}x")
