@@ -72,7 +72,7 @@ def latency_under_compaction(work: str, keys: int, baseline_s: float) -> dict[st
         for phase in ("without", "during"):
             stop = threading.Event()
             result: list[list[float]] = []
-            t = threading.Thread(target=lambda: result.append(writer_latencies(db, stop)))
+            t = threading.Thread(target=lambda r=result, s=stop: r.append(writer_latencies(db, s)))
             t.start()
             snap: dict[str, Any] = {}
             if phase == "during":

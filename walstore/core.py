@@ -14,8 +14,9 @@ import fcntl
 import json
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from . import format as fmt
 from . import reader, replay, snapshot

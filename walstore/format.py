@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import crc32c as _crc32c
 

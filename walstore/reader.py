@@ -8,12 +8,14 @@ done by `walstore.replay` with the durable-watermark rule.
 
 from __future__ import annotations
 
+import mmap
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 from . import format as fmt
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = Union[bytes, bytearray, memoryview, mmap.mmap]
 RecordCallback = Callable[[int, int, int, memoryview], None]
 """on_record(rtype, seq, offset, payload): called for each valid record, in order."""
 
@@ -69,7 +71,7 @@ def _nonzero_end(buf: Buffer, start: int) -> int:
     return start
 
 
-def check_frame(buf: Buffer, off: int, type_mask: int) -> Optional[tuple[int, int, int, int, str]]:
+def check_frame(buf: Buffer, off: int, type_mask: int) -> tuple[int, int, int, int, str]:
     """Parse the frame at `off`; return (type, length, seq, durable, "") or None plus a reason.
 
     The reason is returned as (0, 0, 0, 0, reason) when the frame is invalid.

@@ -12,8 +12,9 @@ import datetime as _dt
 import json
 import mmap
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional, Protocol
+from typing import Optional, Protocol
 
 from . import format as fmt
 from . import reader

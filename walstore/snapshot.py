@@ -201,11 +201,11 @@ def remove_covered(fs: OSFileAPI, directory: str, seq: int, keep: int = 1) -> li
         return removed
     kept = snaps[: max(1, keep)]
     oldest_kept = kept[-1][0]
-    for s, path in snaps[len(kept):]:
+    for _seq, path in snaps[len(kept):]:
         fs.unlink(path)
         removed.append(os.path.basename(path))
     segs = replay.list_segments(directory)
-    for (first, path), (next_first, _next) in zip(segs, segs[1:]):
+    for (_first, path), (next_first, _next) in zip(segs, segs[1:]):
         if next_first <= oldest_kept + 1:
             fs.unlink(path)
             removed.append(os.path.basename(path))

@@ -85,20 +85,20 @@ class Store(MutableMapping[Key, Any]):
         self._compact_thread: Optional[threading.Thread] = None
         self.compactions = 0
         self.last_compaction_error: Optional[BaseException] = None
-        self._replayer: Any = None
+        made: list[Any] = []
 
         def factory(identity: Identity) -> Any:
-            self._replayer = make_kv_replayer()
-            return self._replayer
+            made.append(make_kv_replayer())
+            return made[-1]
 
         options = WriterOptions(durability, interval_ms, segment_size, preallocate)
         self._core = LogCore(path, factory, codec_name=self._codec.name, options=options, create=create, fs=fs)
         try:
-            self._data: dict[Key, Any] = self._replayer.finish(self._codec.decode)
+            self._data: dict[Key, Any] = made[-1].finish(self._codec.decode)
         except BaseException:
             self._core.abandon()
             raise
-        self._replayer = None
+        made.clear()
         self._core.release_buffers()
         self._writer = self._core.writer
         self._snapshot_seq = self._core.snapshot_seq
@@ -211,7 +211,7 @@ class Store(MutableMapping[Key, Any]):
         if tk is str:
             kb, kf = key.encode("utf-8"), fmt.KEY_STR  # type: ignore[union-attr]
         elif tk is bytes:
-            kb, kf = key, 0  # type: ignore[assignment]
+            kb, kf = key, 0
         else:
             kb, kf = encode_key(key)
         tv = type(value)

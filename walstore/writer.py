@@ -21,12 +21,13 @@ import errno
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
+from . import failpoints as _fp
 from . import format as fmt
 from .errors import DiskFullError, StoreClosedError, StorePoisonedError
-from . import failpoints as _fp
 from .failpoints import hit
 from .fileapi import OSFileAPI
 
