@@ -49,7 +49,8 @@ EXIT_ABORTED = 6
 
 EXIT_CODES = {
     EXIT_OK: "success; verify/dump: the log is clean",
-    EXIT_TORN: "verify/dump: only a torn tail past the durable point (open() would cut it)",
+    EXIT_TORN: "verify/dump: only a torn tail past the durable point, or a newer snapshot that fails its"
+    " checks (open() would cut it, or set it aside)",
     EXIT_CORRUPT: "data before the durable point is damaged (corruption); recover: this mode cannot"
     " repair it",
     EXIT_USAGE: "usage error: bad arguments, --yes missing when not interactive, command not available",
