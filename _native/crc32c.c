@@ -17,10 +17,19 @@
 
 #if defined(__aarch64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
 #define WS_CRC_ARM 1
-#include <arm_acle.h>
 #include <sys/auxv.h>
 #ifndef HWCAP_CRC32
 #define HWCAP_CRC32 (1 << 7)
+#endif
+#if defined(__clang__) /* clang's arm_acle.h hides __crc32c* unless built with +crc */
+#define ARM_CRC_TARGET __attribute__((target("crc")))
+#define CRC32CB(c, b) __builtin_arm_crc32cb((c), (b))
+#define CRC32CD(c, w) __builtin_arm_crc32cd((c), (w))
+#else
+#include <arm_acle.h>
+#define ARM_CRC_TARGET __attribute__((target("+crc")))
+#define CRC32CB(c, b) __crc32cb((c), (b))
+#define CRC32CD(c, w) __crc32cd((c), (w))
 #endif
 #endif
 
@@ -183,21 +192,21 @@ __attribute__((target("sse4.2"))) static uint32_t crc_sse42_raw(uint32_t crc, co
 #endif
 
 #ifdef WS_CRC_ARM
-__attribute__((target("+crc"))) static uint32_t crc_armv8_raw(uint32_t crc, const unsigned char *p,
+ARM_CRC_TARGET static uint32_t crc_armv8_raw(uint32_t crc, const unsigned char *p,
                                                                 size_t n)
 {
     uint32_t c0 = crc;
     while (n && ((uintptr_t)p & 7)) {
-        c0 = __crc32cb(c0, *p++);
+        c0 = CRC32CB(c0, *p++);
         n--;
     }
     while (n >= 3 * LONG_BLOCK) {
         uint32_t c1 = 0, c2 = 0;
         const unsigned char *end = p + LONG_BLOCK;
         do {
-            c0 = __crc32cd(c0, load64(p));
-            c1 = __crc32cd(c1, load64(p + LONG_BLOCK));
-            c2 = __crc32cd(c2, load64(p + 2 * LONG_BLOCK));
+            c0 = CRC32CD(c0, load64(p));
+            c1 = CRC32CD(c1, load64(p + LONG_BLOCK));
+            c2 = CRC32CD(c2, load64(p + 2 * LONG_BLOCK));
             p += 8;
         } while (p < end);
         c0 = shift(zeros_long, c0) ^ c1;
@@ -209,9 +218,9 @@ __attribute__((target("+crc"))) static uint32_t crc_armv8_raw(uint32_t crc, cons
         uint32_t c1 = 0, c2 = 0;
         const unsigned char *end = p + SHORT_BLOCK;
         do {
-            c0 = __crc32cd(c0, load64(p));
-            c1 = __crc32cd(c1, load64(p + SHORT_BLOCK));
-            c2 = __crc32cd(c2, load64(p + 2 * SHORT_BLOCK));
+            c0 = CRC32CD(c0, load64(p));
+            c1 = CRC32CD(c1, load64(p + SHORT_BLOCK));
+            c2 = CRC32CD(c2, load64(p + 2 * SHORT_BLOCK));
             p += 8;
         } while (p < end);
         c0 = shift(zeros_short, c0) ^ c1;
@@ -220,12 +229,12 @@ __attribute__((target("+crc"))) static uint32_t crc_armv8_raw(uint32_t crc, cons
         n -= 3 * SHORT_BLOCK;
     }
     while (n >= 8) {
-        c0 = __crc32cd(c0, load64(p));
+        c0 = CRC32CD(c0, load64(p));
         p += 8;
         n -= 8;
     }
     while (n--)
-        c0 = __crc32cb(c0, *p++);
+        c0 = CRC32CB(c0, *p++);
     return c0;
 }
 #endif

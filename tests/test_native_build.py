@@ -27,6 +27,11 @@ WARNINGS = [
     "-Wundef",
 ]
 COMPILERS = [cc for cc in ("gcc", "clang") if shutil.which(cc)]
+# aarch64 (the ARMv8 CRC path) where a cross toolchain is installed (gcc-aarch64-linux-gnu)
+if shutil.which("aarch64-linux-gnu-gcc"):
+    COMPILERS.append("aarch64-linux-gnu-gcc")
+    if shutil.which("clang"):
+        COMPILERS.append("clang --target=aarch64-linux-gnu")
 
 
 @pytest.mark.skipif(not COMPILERS, reason="SKIPPED: no C compiler (gcc or clang) on this machine")
@@ -34,7 +39,7 @@ COMPILERS = [cc for cc in ("gcc", "clang") if shutil.which(cc)]
 @pytest.mark.parametrize("source", SOURCES)
 def test_compiles_without_warnings(cc: str, source: str, tmp_path: Path) -> None:
     cmd = [
-        cc,
+        *cc.split(),
         "-std=c11",
         "-O2",
         *WARNINGS,
