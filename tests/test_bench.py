@@ -254,9 +254,7 @@ def c_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("cffi")
     work = tmp_path_factory.mktemp("cbuild")
     root = _copy_package(work / "root")
-    spec = importlib.util.spec_from_file_location(
-        "_ffi_bench_build", ROOT / "_native" / "_ffi_bench_build.py"
-    )
+    spec = importlib.util.spec_from_file_location("_ffi_bench_build", ROOT / "_native" / "_ffi_bench_build.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -336,9 +334,7 @@ def test_bad_directory_and_missing_plot_dependency(tmp_path: Path) -> None:
     target.mkdir()
     proc = run_bench(ROOT, target, "--plot", str(tmp_path / "p.png"), first_on_path=str(fake))
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        "walstore bench: --plot needs matplotlib: pip install 'walstore[plot]'"
-    ]
+    assert proc.stderr.strip().splitlines() == ["walstore bench: --plot needs matplotlib: pip install 'walstore[plot]'"]
     assert proc.stdout == "" and os.listdir(target) == []
 
 

@@ -541,9 +541,7 @@ def pool_raw(parts: Sequence[RawResult]) -> RawResult:
     first = parts[0]
     lat = [x for p in parts for x in p.samples_ns]
     syn = [x for p in parts for x in p.sync_samples_ns]
-    res = RawResult(
-        first.method, first.mode, first.size, ops=len(lat), seconds=sum(lat) / 1e9, samples_ns=lat
-    )
+    res = RawResult(first.method, first.mode, first.size, ops=len(lat), seconds=sum(lat) / 1e9, samples_ns=lat)
     res.latency = LatencyStats.from_ns(lat)
     if syn:
         res.sync_latency = LatencyStats.from_ns(syn)
@@ -800,9 +798,7 @@ def measure_group(opener: Opener, path: str, threads: int, record_size: int, sec
             errors.append(exc)
             stop.set()
 
-    pool = [
-        threading.Thread(target=worker, args=(t,), name=f"bench-{t}", daemon=True) for t in range(threads)
-    ]
+    pool = [threading.Thread(target=worker, args=(t,), name=f"bench-{t}", daemon=True) for t in range(threads)]
     try:
         for i in range(20):
             db[_key(99, i)] = value
@@ -1147,18 +1143,14 @@ def _floor_meter(
         try:
             buf.write(os.urandom(size))
             method = METHOD_BY_NAME["fdatasync"]
-            out.append(
-                measure_raw(timer, work, method, "overwrite", size, n, min_ops, budget, buf, path, block)
-            )
+            out.append(measure_raw(timer, work, method, "overwrite", size, n, min_ops, budget, buf, path, block))
         finally:
             buf.close()
 
     return measure
 
 
-def collect(
-    args: argparse.Namespace, work: str, progress: Progress, profile: Profile, report: Report
-) -> None:
+def collect(args: argparse.Namespace, work: str, progress: Progress, profile: Profile, report: Report) -> None:
     """Run every measurement into `report` (files under `work`)."""
     timer = report.timer
     block = report.context.get("logical_block_size")
@@ -1200,9 +1192,7 @@ def collect(
         size = REFERENCE_SIZE if REFERENCE_SIZE in profile.sizes else profile.sizes[0]
         ours = report.find("fdatasync", "append", size)
         count = min(profile.raw_ops(size), max(profile.fio_min_ops, ours.ops if ours else 0))
-        progress.begin(
-            f"fio and the bench alternated, {_size_label(size)} appends, {profile.fio_rounds} rounds"
-        )
+        progress.begin(f"fio and the bench alternated, {_size_label(size)} appends, {profile.fio_rounds} rounds")
         buf = mmap.mmap(-1, size)
         try:
             buf.write(os.urandom(size))
@@ -1254,9 +1244,7 @@ def judge(report: Report) -> None:
     wc = (ctx.get("write_cache") or "").lower()
     fstype = ctx.get("fstype") or ""
     if fstype in ("tmpfs", "ramfs"):
-        report.warnings.append(
-            f"the directory is on {fstype}: memory, not a disk; nothing here survives a power loss"
-        )
+        report.warnings.append(f"the directory is on {fstype}: memory, not a disk; nothing here survives a power loss")
     write_back = wc == "write back"
     limit = FAST_SYNC_WRITE_BACK_US if write_back else FAST_SYNC_US
     fast: list[str] = []
@@ -1331,8 +1319,7 @@ def judge(report: Report) -> None:
             f"group commit: {best.commits_per_s:,.0f} commits/s with {best.threads} threads{batch}"
             f" ({best.commits_per_s / one.commits_per_s:.1f}x one thread)."
             if best.threads > 1
-            else f"group commit: no gain from more threads; best is one thread at {best.commits_per_s:,.0f}"
-            " commits/s."
+            else f"group commit: no gain from more threads; best is one thread at {best.commits_per_s:,.0f} commits/s."
         )
     if report.warnings:
         text.append("see the warnings: these sync figures may not reflect durable writes.")
@@ -1511,9 +1498,7 @@ def render(report: Report) -> str:
                 ["fdatasync max", _fmt_us(bs["max"]), _fmt_us(fs["max"])],
             ]
             for i, r in enumerate(f["rounds"], 1):
-                rows.append(
-                    [f"ops/s round {i}", _fmt_rate(r["bench_ops_per_s"]), _fmt_rate(r["fio_ops_per_s"])]
-                )
+                rows.append([f"ops/s round {i}", _fmt_rate(r["bench_ops_per_s"]), _fmt_rate(r["fio_ops_per_s"])])
             lines += _table(["", "walstore bench", "fio"], rows, left=1)
             ok = "yes" if f["within_tolerance"] else "NO"
             ok_ops = "yes" if f["ops_within_tolerance"] else "no"
@@ -1643,8 +1628,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compare-fio",
         action="store_true",
-        help="also run fio --rw=write --ioengine=sync --fdatasync=1 with the same size and"
-        " count, and print both",
+        help="also run fio --rw=write --ioengine=sync --fdatasync=1 with the same size and count, and print both",
     )
     parser.add_argument(
         "--sizes",
