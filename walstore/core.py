@@ -287,6 +287,21 @@ class LogCore:
         if self._closed:
             raise StoreClosedError(f"store {self.path!r} is closed")
 
+    def wait_durable(self, seq: int) -> None:
+        """Block until commit `seq` is on stable storage, as a `sync` commit would.
+
+        For a state machine that calls `writer.commit(..., durability="none")`
+        under a lock of its own and waits outside it: waiters share fdatasyncs
+        (group commit). Raises StorePoisonedError if a sync failed before
+        covering `seq`.
+        """
+        w = self.writer
+        with w.lock:
+            if w.durable_seq >= seq:
+                return
+            w._check_usable()
+            w._wait_durable(seq)
+
     def close(self) -> None:
         """Write the CLOSE record, sync, release the lock. Idempotent."""
         if self._closed:
