@@ -137,9 +137,6 @@ def key_from_json(obj: Any) -> str | bytes:
     raise ValueError('a key is a string or {"b64": ...}')
 
 
-_JSON_VALUE = object()
-
-
 def value_from_json(obj: Any) -> tuple[Any, Optional[str]]:
     """(value, codec name or None): None for str/bytes; "json" for {"json":...}; the codec for raw ones."""
     if isinstance(obj, str):
@@ -853,14 +850,15 @@ def run_bench(argv: Sequence[str]) -> int:
 # demo
 
 _CHILD = r"""
-import sys, walstore
+import os, sys, walstore
 db = walstore.open(sys.argv[1], durability="sync", segment_size=4096)
 out = sys.stdout
 out.write("child: acknowledged seq")
-for i in range(1, 10000):
+for i in range(1, int(sys.argv[2]) + 3):
     db[f"order:{i:04d}"] = {"n": i, "total": i * 7}
     out.write(f" {db.last_seq}")
     out.flush()
+os._exit(0)  # only if the failpoint did not fire: die without closing all the same
 """
 
 
@@ -908,7 +906,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     env["WALSTORE_FAILPOINT"] = f"{point}:{kill_at}"
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, path], stdout=subprocess.PIPE, env=env, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, path, str(kill_at)], stdout=subprocess.PIPE,
+                            env=env, text=True)
     assert proc.stdout is not None
     acked: list[int] = []
     buf = ""
@@ -919,8 +918,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out.write(chunk)
         out.flush()
         buf += chunk
-        if chunk == " " or chunk == "":
-            pass
     proc.wait()
     for tok in buf.split()[3:]:
         if tok.isdigit():
@@ -932,7 +929,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     last_ack = max(acked) if acked else 0
     out.write(f"child died ({died}); the last commit it acknowledged was seq {last_ack}\n")
     ident = core.read_identity(path)
-    if point == "commit.after_write":
+    if last_ack >= kill_at:
+        out.write("the kill point was never reached (failpoints off?); the child stopped without closing\n")
+    elif point == "commit.after_write":
         rec = _find_record(path, ident.store_id, kill_at)
         if rec is not None:
             spath, off, size = rec
