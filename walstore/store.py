@@ -101,6 +101,8 @@ class Store(MutableMapping[Key, Any]):
         made.clear()
         self._core.release_buffers()
         self._writer = self._core.writer
+        self._set = self._data.__setitem__
+        self._pop = self._data.pop
         self._snapshot_seq = self._core.snapshot_seq
         self._snapshot_size = 0
         if self._snapshot_seq:
@@ -221,13 +223,8 @@ class Store(MutableMapping[Key, Any]):
             vb, vf, kept = value.encode("utf-8"), _VSTR, value
         else:
             vb, vf, kept = self._value(value)
-        data = self._data
-
-        def apply() -> None:
-            data[key] = kept
-
         w = self._writer
-        w.commit(_OPH_PACK(_PUT, kf | vf, 0, len(kb), len(vb)) + kb + vb, apply, durability)
+        w.commit_op(_PUT, kf | vf, kb, vb, self._set, key, kept, durability)
         if w.log_bytes > self._compact_at:
             self._maybe_auto_compact()
 
@@ -237,13 +234,8 @@ class Store(MutableMapping[Key, Any]):
         kb, kf = encode_key(key)
         if key not in self._data:
             return False
-        data = self._data
-
-        def apply() -> None:
-            data.pop(key, None)
-
         w = self._writer
-        w.commit(_OPH_PACK(_DEL, kf, 0, len(kb), 0) + kb, apply, durability)
+        w.commit_op(_DEL, kf, kb, b"", self._pop, key, None, durability)
         if w.log_bytes > self._compact_at:
             self._maybe_auto_compact()
         return True
