@@ -408,6 +408,26 @@ class LogWriter:
         self._last_waiters = self._waiters
         self._cond.notify_all()
 
+    def _sync_holding_lock(self, force: bool = False) -> None:
+        """fdatasync the active segment without letting go of the lock (rolls, close).
+
+        Skipped when every record is already durable, unless `force` (the CLOSE record).
+        """
+        if self._durable_seq >= self._written_seq and not force:
+            return
+        target = self._written_seq
+        try:
+            self._fs.fdatasync(self._seg.fd)
+        except OSError as exc:
+            self._poison_with(exc)
+            raise StorePoisonedError(
+                f"fdatasync of {self._seg.path} failed: {exc}; commits it covered are not"
+                " acknowledged and the store refuses writes until it is reopened"
+            ) from exc
+        self.fsyncs += 1
+        self._durable_seq = target
+        self._cond.notify_all()
+
     def sync(self) -> None:
         """Make every record written so far durable (group commit with any concurrent syncs)."""
         with self._cond:
@@ -469,8 +489,10 @@ class LogWriter:
         if expect is not None and self._seg is not expect:
             return  # another committer rolled while this one waited
         old = self._seg
-        if self._durable_seq < self._written_seq:
-            self._sync_leader()
+        # Sync with the lock held: no record may slip into the old segment after this
+        # sync began, or the new segment's header (renamed into place next) could vouch
+        # for a record that never reached the disk.
+        self._sync_holding_lock()
         hit("roll.after_sync_old")
         try:
             new = create_segment(
@@ -569,13 +591,13 @@ class LogWriter:
             self._drain_syncs()
             try:
                 if self._poison is None:
-                    if self._durable_seq < self._written_seq:
-                        self._sync_leader()
+                    # Both syncs hold the lock: no commit may land between them and the CLOSE.
+                    self._sync_holding_lock()
                     hit("close.after_sync")
                     frame = fmt.encode_frame(fmt.REC_CLOSE, self._last_seq, self._last_seq, b"")
                     self._write(frame)
                     hit("close.after_close_record")
-                    self._sync_leader()
+                    self._sync_holding_lock(force=True)
             finally:
                 self._closed = True
                 self._stop_flusher.set()
