@@ -585,3 +585,40 @@ def test_snapshots_are_shown_checked_and_a_rejected_one_is_quarantined(tmp_path:
     assert move["segment"] == snaps[-1].name and (p / move["saved_as"]).exists()
     assert wal("verify", p).returncode == 0
     assert open_state(p) == expected(100)
+
+
+def test_recover_asks_on_a_terminal(tmp_path: Path) -> None:
+    import pty
+
+    p = build(tmp_path / "s")
+    seg = segments(p)[1]
+    off, _size, _seq, _t = records(seg)[5]
+    flip(seg, off + 40)
+    before = snapshot_files(p)
+    cmd, env = command()
+    for answer, code in (("n\n", 6), ("y\n", 0)):
+        master, slave = pty.openpty()
+        try:
+            os.write(master, answer.encode())
+            proc = subprocess.run(cmd + ["recover", str(p), "--mode", "last-consistent"], stdin=slave,
+                                  capture_output=True, text=True, env=env, timeout=300)
+        finally:
+            os.close(slave)
+            os.close(master)
+        assert "Proceed? [y/N]" in proc.stderr
+        assert proc.returncode == code, proc.stderr
+        if code == 6:
+            assert "nothing was changed" in proc.stderr and snapshot_files(p) == before
+    assert wal("verify", p).returncode == 0
+
+
+def test_recover_dry_run_json(tmp_path: Path) -> None:
+    p = build(tmp_path / "s")
+    segments(p)[1].unlink()
+    before = snapshot_files(p)
+    r = wal("recover", p, "--mode", "skip-damaged", "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["status"] == "dry run: nothing changed" and plan["damage"]["reason"] == "missing-segment"
+    assert plan["salvaged"]["commits"] > 0 and plan["dropped"]["commits"] > 0
+    assert snapshot_files(p) == before
