@@ -487,6 +487,14 @@ def cmd_dump(args: argparse.Namespace) -> int:
     show_bar = not out.isatty()
     total = _segments_total(path)
     prev_last: Optional[int] = None
+    from . import snapshot as snapmod
+
+    for seq, spath in snapmod.list_snapshots(path)[:1]:
+        name = os.path.basename(spath)
+        if args.json:
+            out.write(json.dumps({"type": "snapshot", "snapshot": name, "seq": seq}) + "\n")
+        else:
+            out.write(f"# {name}: the state as of seq {seq} (not dumped); the log follows\n")
     with Progress(total, "dumping", enabled=None if show_bar else False) as bar:
         for i, (first, spath) in enumerate(listed):
             nxt = listed[i + 1][0] if i + 1 < len(listed) else None
