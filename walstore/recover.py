@@ -32,7 +32,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union, cast
+from typing import Any, Optional, Union
 
 from . import core, reader, replay
 from . import format as fmt
@@ -72,8 +72,8 @@ def load_segment(path: str, copy: bool) -> Buffer:
 
 
 def _b(data: Buffer) -> reader.Buffer:
-    """An mmap is a buffer to the scanner and replayers (typeshed's Buffer alias just lacks it)."""
-    return cast(reader.Buffer, data)
+    """A segment buffer as the scanner and replayers take it (the same union, mmap included)."""
+    return data
 
 
 def close_buffer(buf: object) -> None:
