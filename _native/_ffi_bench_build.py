@@ -52,7 +52,9 @@ if __name__ == "__main__":
     try:
         built = make_ffi(HERE).compile(tmpdir=tmp, verbose=True)
         for path in glob.glob(os.path.join(os.path.dirname(built), "_walstore_bench*.so")):
-            shutil.copy2(path, os.path.join(ROOT, "walstore", os.path.basename(path)))
+            target = os.path.join(ROOT, "walstore", os.path.basename(path))
+            shutil.copy2(path, target + ".tmp")  # then rename: never overwrite a loaded .so in place
+            os.replace(target + ".tmp", target)
             print("built", os.path.join("walstore", os.path.basename(path)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

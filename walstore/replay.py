@@ -17,27 +17,19 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional, Protocol
 
 from . import format as fmt
+from . import native as _native
 from . import reader
 from .errors import CorruptionError, FormatVersionError, NotAStoreError
 from .failpoints import hit
 from .fileapi import OSFileAPI
 
-try:  # the C scanner, when built (walstore.native decides about WALSTORE_PURE)
-    from . import native as _native
-except ImportError:  # pragma: no cover - only before the native module exists
-    _native = None  # type: ignore[assignment]
-
-
-def backend() -> str:
-    """Which replayer this process uses: "c" or "python"."""
-    if _native is not None and _native.AVAILABLE:
-        return "c"
-    return "python"
+backend = _native.backend
+"""Which replayer this process uses: "c" or "python"."""
 
 
 def scan_records(buf: reader.Buffer, start: int, first_seq: int, type_mask: int) -> reader.ScanResult:
-    """The C scanner when available, else the Python reference; same verdicts."""
-    if _native is not None and _native.AVAILABLE:
+    """The C scanner when in use (walstore.native.AVAILABLE), else the Python reference; same verdicts."""
+    if _native.AVAILABLE:
         return _native.scan_records(buf, start, first_seq, type_mask)
     return reader.scan_records(buf, start, first_seq, type_mask)
 
