@@ -5,6 +5,10 @@
         db["user:1"] = {"name": "Ada"}      # one durable commit
         with db.transaction() as tx:        # all or nothing: one log record
             tx["a"] = 1
+
+Or any in-memory state, changed only through logged operations
+(docs/STATE_MACHINES.md): `walstore.open_machine(path, MyState)` with
+`@walstore.operation` methods.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from .errors import (
     TransactionClosedError,
     WalstoreError,
 )
+from .machine import MachineStore, MachineTransaction, Operation, Pending, open_machine, operation
 from .replay import backend
 from .store import Store, Transaction, open
 
@@ -38,7 +43,11 @@ __all__ = [
     "FormatVersionError",
     "JSONCodec",
     "KeyTypeError",
+    "MachineStore",
+    "MachineTransaction",
     "NotAStoreError",
+    "Operation",
+    "Pending",
     "PickleCodec",
     "ReplayError",
     "SnapshotError",
@@ -51,5 +60,7 @@ __all__ = [
     "WalstoreError",
     "backend",
     "open",
+    "open_machine",
+    "operation",
     "__version__",
 ]
