@@ -455,3 +455,13 @@ def test_record_round_trips_through_json(tmp_path: Any) -> None:
     assert again.ops == model.ops and again.cover == model.cover
     assert again.final_image() == model.final_image()
     assert [op.kind for op in again.ops].count(DIRSYNC) == 1
+
+
+def test_slow_syncs_still_sync(tmp_path: Any) -> None:
+    rec = RecordingFileAPI(tmp_path / "r")
+    fs = FaultyFileAPI(rec, sync_delay=0.001)
+    fd = fs.open(os.path.join(rec.root, "f"), W)
+    fs.pwrite(fd, b"x", 0)
+    fs.fdatasync(fd)
+    fs.close(fd)
+    assert [op.kind for op in rec.ops] == [CREATE, WRITE, SYNC, "close"]

@@ -145,9 +145,7 @@ class Op:
         return f"{self.index:5d} {self.kind:<11} {what}{call}{thread}"
 
 
-def format_ops(
-    ops: Sequence[Op], upto: Optional[int] = None, marks: Optional[Mapping[int, str]] = None
-) -> str:
+def format_ops(ops: Sequence[Op], upto: Optional[int] = None, marks: Optional[Mapping[int, str]] = None) -> str:
     """The operation list as text, one per line; `upto` draws the crash point."""
     lines = []
     for op in ops:
@@ -367,9 +365,7 @@ class RecordingFileAPI(OSFileAPI):
             n = super().pwrite(fd, data, offset)
             ino = self._fds.get(fd)
             if ino is not None:
-                self._append(
-                    WRITE, self._name_of(ino), ino=ino, offset=offset, data=bytes(data), call="pwrite"
-                )
+                self._append(WRITE, self._name_of(ino), ino=ino, offset=offset, data=bytes(data), call="pwrite")
             return n
 
     def ftruncate(self, fd: int, size: int) -> None:
@@ -386,9 +382,7 @@ class RecordingFileAPI(OSFileAPI):
             super().fallocate(fd, offset, length)
             ino = self._fds.get(fd)
             if ino is not None:
-                self._append(
-                    FALLOCATE, self._name_of(ino), ino=ino, offset=offset, size=length, call="fallocate"
-                )
+                self._append(FALLOCATE, self._name_of(ino), ino=ino, offset=offset, size=length, call="fallocate")
 
     def _sync(self, fd: int, call: str, fn: Callable[[int], None]) -> None:
         with self._lock:
@@ -541,9 +535,7 @@ class CrashState:
         parts = [f"crash at operation {self.index}, variant {self.variant!r}, seed {self.seed}"]
         if model is not None:
             pend = model.pending(self.index)
-            kept = [
-                f"{op.index}:{self.choices[op.index].describe()}" for op in pend if op.index in self.choices
-            ]
+            kept = [f"{op.index}:{self.choices[op.index].describe()}" for op in pend if op.index in self.choices]
             lost = [str(op.index) for op in pend if op.index not in self.choices]
             parts.append(f"unsynced operations: {len(pend)}; reached the disk: {' '.join(kept) or 'none'}")
             parts.append(f"lost: {' '.join(lost) or 'none'}")
@@ -946,8 +938,11 @@ class FaultyFileAPI(OSFileAPI):
         inner: Optional[OSFileAPI] = None,
         faults: Sequence[Fault] = (),
         short_writes: int = 0,
+        sync_delay: float = 0.0,
     ) -> None:
         self.inner = inner if inner is not None else OSFileAPI()
+        self.sync_delay = sync_delay
+        """Seconds every fsync/fdatasync takes longer (a slow disk: widens race windows)."""
         self.faults: list[Fault] = list(faults)
         self.short_writes = short_writes
         """When > 0: the OS writes at most this many bytes per pwrite call (a short write)."""
@@ -1035,6 +1030,8 @@ class FaultyFileAPI(OSFileAPI):
         return self.inner.pwrite(fd, data, offset)
 
     def _sync_call(self, fd: int, call: str, fn: Callable[[int], None]) -> None:
+        if self.sync_delay > 0:
+            threading.Event().wait(self.sync_delay)
         f = self._check(call, self._path(fd))
         if f is not None:
             note = getattr(self.inner, "record_failed_sync", None)
