@@ -176,9 +176,7 @@ def make_commits(
     return list(itertools.islice(iter_commits(seed, first_cid, nkeys, durability), n))
 
 
-def iter_commits(
-    seed: int, first_cid: int = 1, nkeys: int = 10, durability: Optional[str] = None
-) -> Iterator[Commit]:
+def iter_commits(seed: int, first_cid: int = 1, nkeys: int = 10, durability: Optional[str] = None) -> Iterator[Commit]:
     """The endless sequence `make_commits` takes its first n from."""
     rng = random.Random(seed)
     present: set[Key] = set()
@@ -332,9 +330,7 @@ class ProcessDied(Exception):
 class Runner:
     """Runs commits on a store opened through a RecordingFileAPI, noting the history."""
 
-    def __init__(
-        self, rec: RecordingFileAPI, history: History, fs: Optional[Any] = None, **open_kwargs: Any
-    ) -> None:
+    def __init__(self, rec: RecordingFileAPI, history: History, fs: Optional[Any] = None, **open_kwargs: Any) -> None:
         self.rec = rec
         self.fs = fs if fs is not None else rec
         self.history = history
@@ -470,9 +466,7 @@ def iter_log(directory: str) -> Iterator[tuple[str, bytes, int, int, int, bytes]
             data = f.read()
         header = fmt.decode_file_header(data[: fmt.FILE_HEADER_SIZE])
         found: list[tuple[int, int, int, bytes]] = []
-        reader.scan_records(
-            data, fmt.FILE_HEADER_SIZE, header.first_seq, reader.SEGMENT_TYPES, _Collect(found)
-        )
+        reader.scan_records(data, fmt.FILE_HEADER_SIZE, header.first_seq, reader.SEGMENT_TYPES, _Collect(found))
         for rtype, seq, off, payload in found:
             yield path, data, rtype, seq, off, payload
 
@@ -531,9 +525,7 @@ def diff_states(want: dict[Key, Any], got: dict[Key, Any], limit: int = 8) -> st
     lines = []
     for k in sorted(set(want) | set(got), key=repr):
         if want.get(k, "<absent>") != got.get(k, "<absent>"):
-            lines.append(
-                f"  {k!r}: expected {_short(want.get(k, '<absent>'))}, got {_short(got.get(k, '<absent>'))}"
-            )
+            lines.append(f"  {k!r}: expected {_short(want.get(k, '<absent>'))}, got {_short(got.get(k, '<absent>'))}")
     more = f"\n  ... {len(lines) - limit} more" if len(lines) > limit else ""
     return "\n".join(lines[:limit]) + more if lines else "  (no difference)"
 
@@ -625,9 +617,7 @@ class Checker:
                     lost = [c for c in required if c not in ep.order[: any_k[-1]]]
                     what = f"acknowledged commits lost: {[f'c{c}' for c in lost]}"
                 elif any_k:
-                    what = (
-                        f"commits that were not attempted before the crash appear (prefix {any_k[0]} > {hi})"
-                    )
+                    what = f"commits that were not attempted before the crash appear (prefix {any_k[0]} > {hi})"
                 else:
                     what = "the recovered state is not the state after any prefix of the commits"
                 near = states[min(max(lo, 0), len(states) - 1)]
@@ -722,9 +712,7 @@ def check_recovery_idempotent(
     for st in crashfs.iter_states(model, seed, limit):
         got = checker.check(st)
         if got is not None and got != expected:
-            checker.fail(
-                st, "a crash during recovery changed the recovered state", diff_states(expected, got)
-            )
+            checker.fail(st, "a crash during recovery changed the recovered state", diff_states(expected, got))
     shutil.rmtree(base, ignore_errors=True)
     return checker.checked
 

@@ -92,9 +92,7 @@ def _prepare_torn_tail(path: str, seed: int) -> dict[cc.Key, Any]:
     last = db.last_seq
     db._core.abandon()
     rec = cc.log_records(path)[-1]
-    frame = fmt.encode_frame(
-        fmt.REC_COMMIT, last + 1, last, fmt.encode_op(fmt.OP_PUT, 1, b"torn", b"v" * 300)
-    )
+    frame = fmt.encode_frame(fmt.REC_COMMIT, last + 1, last, fmt.encode_op(fmt.OP_PUT, 1, b"torn", b"v" * 300))
     with open(rec.path, "r+b") as f:
         f.seek(rec.offset + rec.size)
         f.write(frame[: len(frame) // 2])
@@ -141,9 +139,7 @@ def test_failpoint(tmp_path: Any, monkeypatch: Any, point: str, mode: str, n: in
         if point in WRITTEN:
             want = attempted + WRITTEN[point]
             # (a delete of an absent key writes nothing, so states can repeat: compare states)
-            assert states[want] == got, (
-                f"{point}: expected the state after {want} commits, got prefix {match}"
-            )
+            assert states[want] == got, f"{point}: expected the state after {want} commits, got prefix {match}"
         if point.startswith("close."):
             assert attempted == acked == count and got == states[count]
         if point == "recovery.after_quarantine":

@@ -33,9 +33,7 @@ SEG = 4096
 KW: dict[str, Any] = {"segment_size": SEG}
 
 
-def _count_calls(
-    tmp_path: Any, kind: str, commits: list[cc.Commit], kw: dict[str, Any], reopen_at: int = 0
-) -> int:
+def _count_calls(tmp_path: Any, kind: str, commits: list[cc.Commit], kw: dict[str, Any], reopen_at: int = 0) -> int:
     """How many calls of `kind` a fault-free run makes (from opening to closing)."""
     rec = RecordingFileAPI(tmp_path / f"probe-{kind}")
     fs = FaultyFileAPI(rec)

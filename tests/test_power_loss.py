@@ -137,9 +137,7 @@ class Writer:
         argv = [sys.executable, cc.CRASHCHECK, "writer", "--dir", path, "--seed", str(seed)]
         argv += ["--cycle", str(cycle), "--segment-size", str(SEG), "--durability", "sync"]
         self.stderr = open(log, "wb")  # noqa: SIM115 - closed in finish()
-        self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=self.stderr, env=cc.backend_env("c")
-        )
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.stderr, env=cc.backend_env("c"))
         self.lines: list[str] = []
         self.opened = threading.Event()
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -182,9 +180,7 @@ def test_power_loss_cycles(mounted: Mount, tmp_path: Any, monkeypatch: Any) -> N
         try:
             assert w.opened.wait(60), "the writer did not open the store"
             if w.proc.poll() is not None:
-                raise AssertionError(
-                    f"the writer exited early ({w.proc.returncode}): {open(log).read()[-3000:]}"
-                )
+                raise AssertionError(f"the writer exited early ({w.proc.returncode}): {open(log).read()[-3000:]}")
             time.sleep(rng.uniform(0.02, 0.5))  # a random moment for the power to fail (not a timing check)
             mounted.shutdown()
         finally:
@@ -235,6 +231,4 @@ def test_power_loss_cycles(mounted: Mount, tmp_path: Any, monkeypatch: Any) -> N
     assert total_acked > cycles, "the writer acknowledged almost nothing: the cycles tested little"
     if cycles >= 20:
         # The test's own power: a shutdown that lost nothing unsynced would prove nothing.
-        assert lost_in_flight > 0, (
-            "no cycle lost an unacknowledged commit: is the shutdown really losing data?"
-        )
+        assert lost_in_flight > 0, "no cycle lost an unacknowledged commit: is the shutdown really losing data?"
