@@ -271,9 +271,13 @@ class LogWriter:
         """(Lock held.) Write the framed record, apply it, and wait for its sync if asked."""
         if _fp._armed:
             _fp.hit("commit.before_write")
+        mode = durability or self._opts.durability
         m = seg.mapping
         end = seg.offset + len(frame)
-        if m is not None and end <= seg.file_size:
+        if m is not None and end <= seg.file_size and mode != SYNC:
+            # Lazy modes copy into the map: no syscall. A sync commit pays an fdatasync
+            # anyway, and a page dirtied through the map costs that fdatasync more (it
+            # must be write-protected again) than a pwrite does.
             m[seg.offset : end] = frame
             seg.offset = end
         else:
@@ -300,7 +304,7 @@ class LogWriter:
             ) from exc
         if _fp._armed:
             _fp.hit("commit.after_apply")
-        if (durability or self._opts.durability) == SYNC:
+        if mode == SYNC:
             self._wait_durable(seq)
             if _fp._armed:
                 _fp.hit("commit.after_sync")
@@ -308,13 +312,6 @@ class LogWriter:
     def _write(self, frame: bytes) -> None:
         """Write `frame` at the segment's offset. ENOSPC: undo and raise; other errors poison."""
         seg = self._seg
-        m = seg.mapping
-        if m is not None:
-            end = seg.offset + len(frame)
-            if end <= seg.file_size:
-                m[seg.offset : end] = frame
-                seg.offset = end
-                return
         try:
             self._fs.pwrite(seg.fd, frame, seg.offset)
         except OSError as exc:
