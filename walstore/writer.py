@@ -317,6 +317,14 @@ class LogWriter:
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 end = seg.offset + len(frame)
+                inside = min(end, seg.file_size) - seg.offset
+                if inside > 0:
+                    # Part of the frame may have landed in allocated space: zero it, so a
+                    # later CLOSE is not followed by a stray partial record.
+                    try:
+                        self._fs.pwrite(seg.fd, bytes(inside), seg.offset)
+                    except OSError:
+                        pass  # overwritten by the next record anyway
                 if end > seg.file_size:
                     try:
                         self._fs.ftruncate(seg.fd, max(seg.file_size, seg.offset))
