@@ -516,11 +516,11 @@ def test_changed_signature_without_new_version_is_reported(tmp_path: Path) -> No
 def test_kv_store_and_machine_store_refuse_each_other(tmp_path: Path, backend: str) -> None:
     with walstore.open(tmp_path / "kv") as db:
         db["a"] = 1
-    with pytest.raises(walstore.ReplayError, match="key-value store"):
+    with pytest.raises(walstore.WalstoreError, match="holds 'kv' state.*walstore.open$"):
         walstore.open_machine(tmp_path / "kv", PQ)
     with walstore.open_machine(tmp_path / "m", PQ) as store:
         store.state.push(1, "a")
-    with pytest.raises(walstore.ReplayError, match="CALL"):
+    with pytest.raises(walstore.WalstoreError, match="holds 'machine:PQ' state.*walstore.open_machine"):
         walstore.open(tmp_path / "m")
 
 

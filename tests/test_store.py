@@ -222,3 +222,16 @@ def test_iteration_is_safe_while_writing(tmp_path: Path) -> None:
         for k in db:
             db[k + "x"] = 1
         assert len(db) == 200
+
+
+def test_unknown_durability_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    with reopen(tmp_path / "db") as db:
+        with pytest.raises(ValueError, match="durability"):
+            db.put("a", 1, durability="Sync")
+        with pytest.raises(ValueError, match="durability"):
+            with db.transaction(durability="always") as tx:
+                tx["b"] = 2
+        with pytest.raises(ValueError, match="durability"):
+            walstore.open(tmp_path / "other", durability="fast")
+        assert len(db) == 0 and db.last_seq == 0
+

@@ -32,6 +32,8 @@ class Identity:
     store_id: bytes
     codec: str
     created: str
+    kind: str = "kv"
+    """What state the log holds: "kv" (walstore.open) or "machine:<Class>" (walstore.open_machine)."""
 
 
 def read_identity(directory: str) -> Identity:
@@ -58,12 +60,17 @@ def read_identity(directory: str) -> Identity:
         from .errors import CorruptionError
 
         raise CorruptionError(path, scan.end, None, scan.damage or "bad-payload", "IDENTITY is damaged")
-    return Identity(header.store_id, str(meta.get("codec", "json")), str(meta.get("created", "")))
+    return Identity(
+        header.store_id,
+        str(meta.get("codec", "json")),
+        str(meta.get("created", "")),
+        str(meta.get("kind", "kv")),
+    )
 
 
 def write_identity(fs: OSFileAPI, directory: str, identity: Identity) -> None:
     """Write IDENTITY by temp file, fsync, rename and directory fsync."""
-    meta = json.dumps({"codec": identity.codec, "created": identity.created}).encode()
+    meta = json.dumps({"codec": identity.codec, "created": identity.created, "kind": identity.kind}).encode()
     data = (
         fmt.FileHeader(fmt.KIND_IDENTITY, identity.store_id).encode()
         + fmt.encode_frame(fmt.REC_META, 0, 0, meta)
@@ -160,6 +167,7 @@ class LogCore:
         replayer_factory: Callable[[Identity], replay.RangeReplayer],
         *,
         codec_name: str,
+        kind: str = "kv",
         options: WriterOptions,
         create: bool = True,
         fs: Optional[OSFileAPI] = None,
@@ -182,10 +190,16 @@ class LogCore:
                     secrets.token_bytes(16),
                     codec_name,
                     _dt.datetime.now(_dt.timezone.utc).isoformat(),
+                    kind,
                 )
                 write_identity(self.fs, self.path, ident)
                 created = True
             self.identity = read_identity(self.path)
+            if self.identity.kind.partition(":")[0] != kind.partition(":")[0]:
+                opener = "walstore.open" if self.identity.kind == "kv" else "walstore.open_machine"
+                raise WalstoreError(
+                    f"store {self.path!r} holds {self.identity.kind!r} state, not {kind!r}; open it with {opener}"
+                )
             if self.identity.codec != codec_name:
                 raise WalstoreError(
                     f"store {self.path!r} was created with codec {self.identity.codec!r},"

@@ -576,7 +576,15 @@ class MachineStore(Generic[S]):
             return r
 
         options = WriterOptions(durability, interval_ms, segment_size, preallocate)
-        self._core = LogCore(path, factory, codec_name=self._codec.name, options=options, create=create, fs=fs)
+        self._core = LogCore(
+            path,
+            factory,
+            codec_name=self._codec.name,
+            kind=f"machine:{state_type.__qualname__}",
+            options=options,
+            create=create,
+            fs=fs,
+        )
         try:
             state = replayers[0].finish()
             if not isinstance(state, state_type):

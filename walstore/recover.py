@@ -586,11 +586,16 @@ def analyze(
             info.role = "rejected"
         snapshots.append(info)
         snap_bufs[info.name] = data
-    if replayer is None and with_state:
+    is_kv = identity.kind.partition(":")[0] == "kv"
+    if replayer is None and with_state and is_kv:
         from .kvreplay import make_kv_replayer
 
         replayer = make_kv_replayer()
     analysis = Analysis(path, identity, replay.backend(), running, holder, snapshots, base, [], [], 0, False)
+    if not is_kv:
+        analysis.state_note = (
+            f"application state ({identity.kind}); open it with walstore.open_machine and its class"
+        )
     try:
         if replayer is not None and base is not None:
             sbuf = snap_bufs.pop(base.name)
@@ -781,6 +786,12 @@ def load_state(
     """
     from .kvreplay import make_kv_replayer
 
+    kind = core.read_identity(os.fspath(directory)).kind
+    if kind.partition(":")[0] != "kv":
+        raise WalstoreError(
+            f"{os.fspath(directory)!r} holds application state ({kind}), not key-value state;"
+            " this command needs walstore.open_machine and the application's class"
+        )
     rp = make_kv_replayer()
     analysis = analyze(directory, writer_running=writer_running, replayer=rp, with_state=False)
     try:

@@ -271,7 +271,12 @@ class LogWriter:
         """(Lock held.) Write the framed record, apply it, and wait for its sync if asked."""
         if _fp._armed:
             _fp.hit("commit.before_write")
-        mode = durability or self._opts.durability
+        if durability is None:
+            mode = self._opts.durability
+        elif durability in DURABILITY_MODES:
+            mode = durability
+        else:
+            raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
         m = seg.mapping
         end = seg.offset + len(frame)
         if m is not None and end <= seg.file_size and mode != SYNC:
