@@ -372,6 +372,14 @@ int ws_kv_apply_range(ws_kv *kv, const uint8_t *buf, size_t size, size_t start, 
     return error;
 }
 
+static void put_le32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+    p[2] = (uint8_t)(v >> 16);
+    p[3] = (uint8_t)(v >> 24);
+}
+
 static int same_run(const entry *a, const entry *b)
 {
     return a->klen == b->klen && a->vlen == b->vlen && a->flags == b->flags;
@@ -426,4 +434,46 @@ int64_t ws_kv_export(const ws_kv *kv, uint8_t *blob, size_t blob_size, uint64_t 
         prev = e;
     }
     return (int64_t)n;
+}
+
+int64_t ws_kv_snapshot_chunk(const ws_kv *kv, uint64_t *cursor, uint64_t chunk_bytes, uint8_t *out,
+                             size_t out_size, uint64_t *need)
+{
+    size_t i = *cursor < kv->n_entries ? (size_t)*cursor : kv->n_entries;
+    size_t at = 0;
+    *need = 0;
+    for (; i < kv->n_entries; i++) {
+        const entry *e = &kv->entries[i];
+        uint64_t len = (uint64_t)e->klen + e->vlen, oplen = WS_OP_HEADER_SIZE + len;
+        uint8_t *p;
+        if (i + PIPE < kv->n_entries)
+            PREFETCH(kv->entries[i + PIPE].key);
+        if (!e->live)
+            continue;
+        if (at && oplen > chunk_bytes - at) /* 0 < at < chunk_bytes here: no underflow */
+            break;
+        if (oplen > out_size - at) {
+            if (at)
+                break;
+            *need = oplen;
+            *cursor = i;
+            return -1;
+        }
+        p = out + at;
+        p[0] = WS_OP_PUT;
+        p[1] = e->flags;
+        p[2] = 0;
+        p[3] = 0;
+        put_le32(p + 4, e->klen);
+        put_le32(p + 8, e->vlen);
+        if (len)
+            memcpy(p + WS_OP_HEADER_SIZE, e->key, (size_t)len);
+        at += (size_t)oplen;
+        if (at >= chunk_bytes) {
+            i++;
+            break;
+        }
+    }
+    *cursor = i;
+    return (int64_t)at;
 }

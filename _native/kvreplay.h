@@ -50,4 +50,19 @@ void ws_kv_export_sizes(const ws_kv *kv, uint64_t *blob_bytes, uint64_t *runs);
  * number of runs written, or -1 if blob_size or runs_cap is too small. */
 int64_t ws_kv_export(const ws_kv *kv, uint8_t *blob, size_t blob_size, uint64_t *runs, size_t runs_cap);
 
+/* Snapshot payloads: the surviving keys as PUT operations (docs/FORMAT.md: the
+ * 12-byte op header with the flags of the key's last PUT, then key, then value),
+ * in dict order, cut into payloads of at most chunk_bytes; an operation longer
+ * than chunk_bytes is alone in its payload. Copies straight from the buffers
+ * the entries point into (they must still be alive); calls nothing else.
+ *
+ * Writes the next payload, from entry *cursor (start at 0), into
+ * out[0, out_size) and advances *cursor past it. Returns its size in bytes;
+ * 0 when no surviving key is left; or -1, writing nothing, when its first
+ * operation alone does not fit in out_size: *need is then that operation's
+ * size (call again with a buffer that large). With out_size >= chunk_bytes
+ * only an operation longer than chunk_bytes needs the larger buffer. */
+int64_t ws_kv_snapshot_chunk(const ws_kv *kv, uint64_t *cursor, uint64_t chunk_bytes, uint8_t *out,
+                             size_t out_size, uint64_t *need);
+
 #endif /* WALSTORE_KVREPLAY_H */

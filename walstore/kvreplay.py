@@ -1,7 +1,8 @@
 """Last-writer-wins replay of key-value operations: the pure-Python reference.
 
 `PyKVReplayer` is exact and is what the C `native.KVReplayer` must agree with,
-on results (the same dict, in the same order) and on errors. A key is
+on results (the same dict, in the same order; the same snapshot payloads, byte
+for byte) and on errors. A key is
 (key bytes, key-is-str flag): PUT sets it, DELETE removes it. Records in the
 ranges given are assumed already scanned; their framing is still checked,
 so a wrong range raises ReplayError instead of misreading.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import mmap
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any, NoReturn, Protocol, Union
 
 from . import format as fmt
@@ -28,6 +29,7 @@ KV_EOPS = 4
 KV_ECALL = 5
 KV_ENOMEM = 6
 KV_EFAILED = 100  # Python only: the replayer raised before and must be replaced
+SNAPSHOT_CHUNK_BYTES = 1 << 20  # snapshot.CHUNK_BYTES: the default payload size of snapshot_payloads
 _MESSAGES = {
     KV_EFRAME: "a record frame runs past the end of the range",
     KV_ETYPE: "a record type that carries no key-value operations",
@@ -61,6 +63,16 @@ class KVReplayerLike(Protocol):
     def apply_range(self, buf: Buffer, start: int, end: int) -> None: ...
 
     def finish(self, decode: Callable[[bytes], Any]) -> dict[Any, Any]: ...
+
+    def snapshot_payloads(self, chunk_bytes: int = SNAPSHOT_CHUNK_BYTES) -> Generator[bytes, None, None]: ...
+
+
+def check_chunk_bytes(chunk_bytes: int) -> int:
+    """`chunk_bytes` as an int in 1..MAX_PAYLOAD (every payload must fit in a record), else ValueError."""
+    n = int(chunk_bytes)
+    if n != chunk_bytes or not 1 <= n <= fmt.MAX_PAYLOAD:
+        raise ValueError(f"chunk_bytes must be an integer from 1 to {fmt.MAX_PAYLOAD}, not {chunk_bytes!r}")
+    return n
 
 
 class PyKVReplayer:
@@ -148,6 +160,44 @@ class PyKVReplayer:
             else:
                 out[key] = vb
         return out
+
+    def snapshot_payloads(self, chunk_bytes: int = SNAPSHOT_CHUNK_BYTES) -> Generator[bytes, None, None]:
+        """The state as SNAPSHOT_DATA payloads: one PUT operation per surviving key, in dict
+        order (as `finish`), carrying the key and value bytes and the flags (key-is-str, value
+        kind) of its last PUT as logged, nothing decoded. Ops are grouped while a payload stays
+        within `chunk_bytes`; an op longer than that is alone in its payload. No state, no payload.
+
+        The state is taken at the call (errors such as a failed replayer raise here), and the
+        replayer is then finished: empty, as after `finish`. Close the generator if it is not
+        run to the end (the C replayer keeps its buffers exported until it ends or is closed).
+        """
+        if self._failed:
+            raise kv_error(KV_EFAILED, 0)
+        chunk = check_chunk_bytes(chunk_bytes)
+        raw, self._raw = self._raw, {}
+        return _py_snapshot_payloads(raw, chunk)
+
+
+def _py_snapshot_payloads(
+    raw: dict[tuple[bytes, int], tuple[bytes, int]], chunk_bytes: int
+) -> Generator[bytes, None, None]:
+    pack = _OPH.pack
+    put = fmt.OP_PUT
+    parts: list[bytes] = []
+    size = 0
+    for (kb, kstr), (vb, vkind) in raw.items():
+        op = pack(put, kstr | vkind, 0, len(kb), len(vb)) + kb + vb
+        n = len(op)
+        if size and n > chunk_bytes - size:
+            yield b"".join(parts)
+            parts, size = [], 0
+        parts.append(op)
+        size += n
+        if size >= chunk_bytes:
+            yield b"".join(parts)
+            parts, size = [], 0
+    if parts:
+        yield b"".join(parts)
 
 
 def make_kv_replayer() -> KVReplayerLike:

@@ -2,8 +2,8 @@
 
 Guarantees: `scan_records` returns the same ScanResult as
 `walstore.reader.scan_records` (the `detail` wording included) on any input;
-`KVReplayer` builds the same dict, in the same order, as
-`walstore.kvreplay.PyKVReplayer`; `crc32c` equals the `crc32c` package.
+`KVReplayer` builds the same dict, in the same order, and the same snapshot
+payloads, byte for byte, as `walstore.kvreplay.PyKVReplayer`; `crc32c` equals the `crc32c` package.
 `AVAILABLE` is true when the module is built and `WALSTORE_PURE` is not "1";
 the functions here work whenever the module is built (`BUILT`).
 """
@@ -12,11 +12,20 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
+from . import format as fmt
 from . import reader
-from .kvreplay import KV_EFAILED, VALUE_CODEC_FLAG, VALUE_STR_FLAG, Buffer, kv_error
+from .kvreplay import (
+    KV_EFAILED,
+    SNAPSHOT_CHUNK_BYTES,
+    VALUE_CODEC_FLAG,
+    VALUE_STR_FLAG,
+    Buffer,
+    check_chunk_bytes,
+    kv_error,
+)
 from .reader import ScanResult
 
 try:
@@ -139,7 +148,8 @@ class KVReplayer:
 
     The C table points into the buffers given to `apply_range`: they stay
     exported (an mmap cannot be closed, a bytearray not resized) until
-    `finish` returns or raises, or `apply_range` raises.
+    `finish` returns or raises, `apply_range` raises, or the generator of
+    `snapshot_payloads` ends or is closed.
     """
 
     def __init__(self) -> None:
@@ -180,6 +190,23 @@ class KVReplayer:
             self._release()
             _ffi.release(self._kv)
             self._kv = _new_table()
+
+    def snapshot_payloads(self, chunk_bytes: int = SNAPSHOT_CHUNK_BYTES) -> Generator[bytes, None, None]:
+        """The state as SNAPSHOT_DATA payloads, byte for byte as `PyKVReplayer.snapshot_payloads`.
+
+        The table and the buffers it points into move to the generator, and the
+        replayer is finished (empty) at once. Each payload is filled by one C call
+        that copies the operations straight from the buffers, without the GIL;
+        Python then copies it once into the bytes yielded. The buffers stay
+        exported until the generator ends or is closed: close it before closing
+        an mmap under it.
+        """
+        if self._failed:
+            raise kv_error(KV_EFAILED, 0)
+        chunk = check_chunk_bytes(chunk_bytes)
+        kv, buffers = self._kv, self._buffers
+        self._kv, self._buffers = _new_table(), []
+        return _c_snapshot_payloads(kv, buffers, chunk)
 
     def _build(self, decode: Callable[[bytes], Any]) -> dict[Any, Any]:
         sizes = _ffi.new("uint64_t[2]")
@@ -234,6 +261,36 @@ class KVReplayer:
         for cbuf in self._buffers:
             _ffi.release(cbuf)
         self._buffers = []
+
+
+def _c_snapshot_payloads(kv: Any, buffers: list[Any], chunk_bytes: int) -> Generator[bytes, None, None]:
+    """Run ws_kv_snapshot_chunk over a detached table; release it and its buffers at the end."""
+    try:
+        sizes = _ffi.new("uint64_t[2]")
+        _lib.ws_kv_export_sizes(kv, sizes, sizes + 1)
+        total = int(sizes[0]) + fmt.OP_HEADER_SIZE * int(_lib.ws_kv_len(kv))
+        size = max(1, min(chunk_bytes, total))
+        out = _new_raw("uint8_t[]", size)
+        cursor = _ffi.new("uint64_t *")
+        need = _ffi.new("uint64_t *")
+        chunk = _lib.ws_kv_snapshot_chunk
+        while True:
+            n = chunk(kv, cursor, chunk_bytes, out, size, need)
+            if n > 0:
+                yield _ffi.buffer(out, n)[:]
+            elif n == 0:
+                return
+            else:  # one op longer than chunk_bytes: a payload of its own
+                big = _new_raw("uint8_t[]", int(need[0]))
+                n = chunk(kv, cursor, chunk_bytes, big, int(need[0]), need)
+                if n <= 0:  # pragma: no cover - the C contract
+                    raise RuntimeError("ws_kv_snapshot_chunk: inconsistent sizes")
+                yield _ffi.buffer(big, n)[:]
+                del big
+    finally:
+        for cbuf in buffers:
+            _ffi.release(cbuf)
+        _ffi.release(kv)
 
 
 def _new_table() -> Any:

@@ -308,15 +308,18 @@ class Store(MutableMapping[Key, Any]):
                 raise SnapshotError(
                     f"sealed log ends at {state.last_seq}, expected {seq}; no snapshot written"
                 )
-            entries = replayer.finish(snapshot.CodecBytes)
-            for buf in buffers:
-                close = getattr(buf, "close", None)
-                if close is not None:
-                    close()
-            info = snapshot.write_snapshot(
-                core.fs, self.path, core.identity.store_id, seq, snapshot.kv_payloads(entries.items())
-            )
-            del entries
+            # The surviving keys as PUT payloads copied straight from the maps (in C, without
+            # the GIL): no dict of the state. The C table points into the maps, so they are
+            # closed only once the payloads are consumed or the generator closed.
+            payloads = replayer.snapshot_payloads()
+            try:
+                info = snapshot.write_snapshot(core.fs, self.path, core.identity.store_id, seq, payloads)
+            finally:
+                payloads.close()
+                for buf in buffers:
+                    close = getattr(buf, "close", None)
+                    if close is not None:
+                        close()
             snapshot.remove_covered(core.fs, self.path, seq, self._keep_snapshots)
             self._snapshot_seq = seq
             self._snapshot_size = info.size

@@ -4,12 +4,14 @@
  * mask, 1 the first sequence number, 2 the start offset, 3 the hash seed,
  * 4 bit 0 asks for CRC fix-up (every frame from `start` gets a correct CRC,
  * so the fuzzer gets past the CRC check to the type, number, payload and KV
- * logic). The file is copied to a heap block of its exact size, so
+ * logic), 6 the snapshot payload size less one (1..256 bytes). The file is copied to a heap block of its exact size, so
  * AddressSanitizer catches any read past the end.
  *
  * Beyond memory safety it checks invariants and aborts on a violation:
- * the result's offsets are in range, and every record the scanner accepts
- * replays without a framing or operation error.
+ * the result's offsets are in range, every record the scanner accepts
+ * replays without a framing or operation error, and the snapshot payloads
+ * are whole PUT ops within the chunk size (or one op alone) whose keys and
+ * values are exactly the export's, in order.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -43,8 +45,61 @@ static void fix_crcs(uint8_t *buf, size_t size, size_t off)
     }
 }
 
+/* Snapshot payloads of the table, chunk_bytes each: every one a whole number of PUT ops,
+ * within chunk_bytes or a single op; their keys and values, in order, are exactly `blob`
+ * (the export), so every surviving key appears once. */
+static void snapshot_payloads(const ws_kv *kv, const uint8_t *blob, uint64_t blob_bytes, uint64_t chunk_bytes)
+{
+    uint64_t cursor = 0, need = 0, want, seen = 0, ops = 0;
+    size_t cap = (size_t)chunk_bytes;
+    uint8_t *out = malloc(cap), *big = NULL;
+    if (!out)
+        return;
+    for (;;) {
+        uint8_t *p = out;
+        int64_t n = ws_kv_snapshot_chunk(kv, &cursor, chunk_bytes, out, cap, &need);
+        size_t pos = 0, nops = 0;
+        if (n == 0)
+            break;
+        if (n < 0) {
+            CHECK(need > chunk_bytes && need >= WS_OP_HEADER_SIZE);
+            big = malloc((size_t)need);
+            if (!big) {
+                free(out);
+                return;
+            }
+            want = need;
+            n = ws_kv_snapshot_chunk(kv, &cursor, chunk_bytes, big, (size_t)want - 1, &need); /* still too small */
+            CHECK(n == -1 && need == want);
+            n = ws_kv_snapshot_chunk(kv, &cursor, chunk_bytes, big, (size_t)want, &need);
+            CHECK(n == (int64_t)want);
+            p = big;
+        }
+        CHECK(n > 0);
+        while (pos < (size_t)n) {
+            uint64_t len;
+            CHECK((size_t)n - pos >= WS_OP_HEADER_SIZE);
+            CHECK(p[pos] == WS_OP_PUT && p[pos + 2] == 0 && p[pos + 3] == 0);
+            CHECK(!(p[pos + 1] & ~(WS_KEY_STR | WS_VALUE_KIND_MASK)) && ((p[pos + 1] >> WS_VALUE_KIND_SHIFT) & 3) != 3);
+            len = (uint64_t)ws_le32(p + pos + 4) + ws_le32(p + pos + 8);
+            pos += WS_OP_HEADER_SIZE;
+            CHECK(len <= (size_t)n - pos && len <= blob_bytes - seen);
+            CHECK(len == 0 || memcmp(p + pos, blob + seen, (size_t)len) == 0);
+            seen += len;
+            pos += (size_t)len;
+            nops++;
+        }
+        CHECK((uint64_t)n <= chunk_bytes || nops == 1);
+        ops += nops;
+        free(big);
+        big = NULL;
+    }
+    free(out);
+    CHECK(ops == ws_kv_len(kv) && seen == blob_bytes);
+}
+
 static void replay(const uint8_t *buf, size_t size, size_t start, size_t end, uint64_t seed, int scanned,
-                   uint32_t mask)
+                   uint32_t mask, uint64_t chunk_bytes)
 {
     ws_kv *kv = ws_kv_new(seed);
     uint64_t err = 0, blob_bytes = 0, runs = 0, counted = 0;
@@ -71,6 +126,7 @@ static void replay(const uint8_t *buf, size_t size, size_t start, size_t end, ui
         CHECK(counted == ws_kv_len(kv));
         if (runs)
             CHECK(ws_kv_export(kv, blob, blob_bytes, table, runs - 1) == -1);
+        snapshot_payloads(kv, blob, blob_bytes, chunk_bytes);
     }
     free(blob);
     free(table);
@@ -83,7 +139,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     uint8_t ctl[8] = {0};
     size_t n = size < 8 ? size : 8, start;
     uint32_t mask;
-    uint64_t first_seq;
+    uint64_t first_seq, chunk_bytes;
     uint8_t *buf;
     ws_scan_result r;
 
@@ -113,9 +169,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         CHECK(r.data_end == r.end && r.resync_records == 0);
     else
         CHECK(r.end < size);
+    chunk_bytes = (uint64_t)ctl[6] + 1; /* 1..256: ops over it, exact fits and splits all happen */
     if (start <= size)
-        replay(buf, size, start, (size_t)r.end, ctl[3], 1, mask);
-    replay(buf, size, start <= size ? start : size, size, ctl[3], 0, mask);
+        replay(buf, size, start, (size_t)r.end, ctl[3], 1, mask, chunk_bytes);
+    replay(buf, size, start <= size ? start : size, size, ctl[3], 0, mask, chunk_bytes);
     free(buf);
     return 0;
 }

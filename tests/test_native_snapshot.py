@@ -1,0 +1,412 @@
+"""`snapshot_payloads`: the C KVReplayer against PyKVReplayer, byte for byte, and against the state.
+
+Both replayers turn the surviving keys into SNAPSHOT_DATA payloads of PUT
+operations (docs/FORMAT.md), in dict order, at most `chunk_bytes` each unless
+one operation alone is longer. The C tests fail instead of skipping when
+WALSTORE_REQUIRE_NATIVE=1 and the module is not built (native_support).
+"""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from native_support import op_bytes, require_native
+
+import walstore
+from walstore import format as fmt
+from walstore import snapshot
+from walstore.errors import ReplayError
+from walstore.fileapi import OSFileAPI
+from walstore.kvreplay import PyKVReplayer
+
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PUT, DELETE = fmt.OP_PUT, fmt.OP_DELETE
+OHS = fmt.OP_HEADER_SIZE
+Raw = dict[tuple[bytes, int], tuple[bytes, int]]
+
+
+@pytest.fixture(scope="module")
+def native() -> Any:
+    return require_native()
+
+
+def commit_log(txns: list[list[bytes]], first_seq: int = 1, close: bool = False) -> bytes:
+    """COMMIT records (one per transaction), maybe a CLOSE: a valid segment body."""
+    out = [fmt.encode_frame(fmt.REC_COMMIT, first_seq + i, first_seq + i - 1, b"".join(t)) for i, t in enumerate(txns)]
+    if close and txns:
+        last = first_seq + len(txns) - 1
+        out.append(fmt.encode_frame(fmt.REC_CLOSE, last, last, b""))
+    return b"".join(out)
+
+
+def model_state(logs: list[bytes]) -> Raw:
+    """The surviving state by an independent walk: (key, key-is-str) -> (value, value kind), in dict order."""
+    state: Raw = {}
+    for log in logs:
+        off = 0
+        while off < len(log):
+            length, rtype = fmt.FRAME_HEADER.unpack_from(log, off + 4)[:2]
+            payload = log[off + fmt.FRAME_HEADER_SIZE : off + fmt.FRAME_HEADER_SIZE + length]
+            if rtype in (fmt.REC_COMMIT, fmt.REC_SNAPSHOT_DATA):
+                for op in fmt.iter_ops(payload):
+                    key = (op.key, op.flags & fmt.KEY_STR)
+                    if op.op == PUT:
+                        state[key] = (op.value, op.flags & fmt.VALUE_KIND_MASK)
+                    else:
+                        state.pop(key, None)
+            off += fmt.frame_size(length)
+    return state
+
+
+def decoded(payloads: list[bytes]) -> Raw:
+    """The payloads decoded back, checking each key appears once and every op is a PUT."""
+    out: Raw = {}
+    for p in payloads:
+        for op in fmt.iter_ops(p):
+            assert op.op == PUT
+            key = (op.key, op.flags & fmt.KEY_STR)
+            assert key not in out, f"key {key!r} twice"
+            out[key] = (op.value, op.flags & fmt.VALUE_KIND_MASK)
+    return out
+
+
+def check_chunking(payloads: list[bytes], chunk_bytes: int) -> None:
+    """No empty payload; each within chunk_bytes or a single op; greedy (the next op would not have fit)."""
+    for i, p in enumerate(payloads):
+        ops = list(fmt.iter_ops(p))
+        assert ops, "empty payload"
+        if len(p) > chunk_bytes:
+            assert len(ops) == 1, f"payload {i}: {len(p)} bytes > {chunk_bytes} with {len(ops)} ops"
+        if i + 1 < len(payloads):
+            nxt = next(fmt.iter_ops(payloads[i + 1]))
+            assert len(p) + OHS + len(nxt.key) + len(nxt.value) > chunk_bytes, "payload cut early"
+
+
+def feed(replayer: Any, bufs: list[Any]) -> None:
+    for b in bufs:
+        replayer.apply_range(b, 0, len(memoryview(b).cast("B")))
+
+
+def wrap(buf: bytes, kind: str) -> Any:
+    return buf if kind == "b" else bytearray(buf) if kind == "a" else memoryview(buf)
+
+
+transactions = st.lists(st.lists(op_bytes(allow_call=False), min_size=1, max_size=4), max_size=25)
+chunk_sizes = st.one_of(st.integers(1, 64), st.integers(1, 40000), st.just(snapshot.CHUNK_BYTES))
+
+
+@SETTINGS
+@given(
+    logs=st.lists(st.tuples(transactions, st.booleans(), st.booleans()), min_size=1, max_size=3),
+    kinds=st.lists(st.sampled_from("bam"), min_size=3, max_size=3),
+    chunk_bytes=chunk_sizes,
+)
+def test_c_payloads_equal_python_and_state(
+    native: Any, logs: list[tuple[list[list[bytes]], bool, bool]], kinds: list[str], chunk_bytes: int
+) -> None:
+    """Random logs (puts, deletes, overwrites; str and bytes keys; all value kinds), some as
+    SNAPSHOT_DATA bases, over several buffers: the same payloads, decoding to the state."""
+    bufs = []
+    for txns, as_snapshot, close in logs:
+        if as_snapshot:
+            body = b"".join(fmt.encode_frame(fmt.REC_SNAPSHOT_DATA, 7, 7, b"".join(t)) for t in txns)
+            body += fmt.encode_frame(fmt.REC_SNAPSHOT_END, 7, 7, fmt.SNAPSHOT_END_PAYLOAD.pack(len(txns), 0))
+        else:
+            body = commit_log(txns, close=close)
+        bufs.append(body)
+    py, c = PyKVReplayer(), native.KVReplayer()
+    feed(py, bufs)
+    feed(c, [wrap(b, k) for b, k in zip(bufs, kinds, strict=False)])
+    want = list(py.snapshot_payloads(chunk_bytes))
+    got = list(c.snapshot_payloads(chunk_bytes))
+    assert got == want
+    state = model_state(bufs)
+    assert list(decoded(got).items()) == list(state.items())  # every survivor once, in dict order
+    check_chunking(got, chunk_bytes)
+    # finished: empty, and usable again
+    for r in (py, c):
+        assert len(r) == 0
+        assert list(r.snapshot_payloads()) == []
+        feed(r, bufs)
+        assert len(r) == len(state)
+
+
+@SETTINGS
+@given(txns=transactions, chunk_bytes=chunk_sizes)
+def test_python_payloads_match_state(txns: list[list[bytes]], chunk_bytes: int) -> None:
+    """The reference alone (runs without the C module)."""
+    log = commit_log(txns)
+    py = PyKVReplayer()
+    py.apply_range(log, 0, len(log))
+    got = list(py.snapshot_payloads(chunk_bytes))
+    assert list(decoded(got).items()) == list(model_state([log]).items())
+    check_chunking(got, chunk_bytes)
+
+
+def utf8_ok(state: Raw) -> bool:
+    try:
+        for (kb, kstr), (vb, vkind) in state.items():
+            if kstr:
+                kb.decode("utf-8")
+            if vkind == fmt.VALUE_STR << fmt.VALUE_KIND_SHIFT:
+                vb.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@SETTINGS
+@given(txns=transactions)
+def test_same_bytes_as_the_dict_path(native: Any, txns: list[list[bytes]]) -> None:
+    """Joined, the payloads are the bytes compaction wrote before: kv_payloads over finish(CodecBytes)."""
+    log = commit_log(txns)
+    if not utf8_ok(model_state([log])):
+        return  # the dict path cannot decode a text key or value that is not UTF-8; these copy it as logged
+    for make in (PyKVReplayer, native.KVReplayer):
+        a, b = make(), make()
+        a.apply_range(log, 0, len(log))
+        b.apply_range(log, 0, len(log))
+        old = b"".join(snapshot.kv_payloads(a.finish(snapshot.CodecBytes).items()))
+        assert b"".join(b.snapshot_payloads()) == old
+
+
+def big_log() -> tuple[bytes, list[int]]:
+    """Ops of known sizes: op sizes 12+1+v for the values listed (keys 'a'..)."""
+    sizes = [10, 20, 100, 5, 300, 0, 40]
+    ops = [fmt.encode_op(PUT, 0, bytes([97 + i]), b"x" * v) for i, v in enumerate(sizes)]
+    return commit_log([[op] for op in ops]), [OHS + 1 + v for v in sizes]
+
+
+@pytest.mark.parametrize("which", ["c", "python"])
+def test_chunk_boundaries(which: str) -> None:
+    make = require_native().KVReplayer if which == "c" else PyKVReplayer
+    log, op_sizes = big_log()
+
+    def run(chunk: int) -> list[int]:
+        r = make()
+        r.apply_range(log, 0, len(log))
+        return [len(p) for p in r.snapshot_payloads(chunk)]
+
+    # op sizes: 23 33 113 18 313 13 53
+    assert run(1) == op_sizes  # each op alone, also the ones longer than chunk_bytes
+    assert run(56) == [56, 113, 18, 313, 13, 53]  # 23+33 exactly full; oversize ops alone
+    assert run(57) == [56, 113, 18, 313, 13, 53]
+    assert run(66) == [56, 113, 18, 313, 66]
+    assert run(131) == [56, 113 + 18, 313, 66]
+    assert run(1 << 20) == [sum(op_sizes)]
+
+
+@pytest.mark.parametrize("which", ["c", "python"])
+@pytest.mark.parametrize("bad", [0, -1, fmt.MAX_PAYLOAD + 1, 1.5, "100"])
+def test_bad_chunk_bytes(which: str, bad: Any) -> None:
+    make = require_native().KVReplayer if which == "c" else PyKVReplayer
+    log, _ = big_log()
+    r = make()
+    r.apply_range(log, 0, len(log))
+    with pytest.raises((ValueError, TypeError)):
+        r.snapshot_payloads(bad)
+    assert len(r) == 7  # nothing taken
+
+
+@pytest.mark.parametrize("which", ["c", "python"])
+def test_empty_and_all_deleted(which: str) -> None:
+    make = require_native().KVReplayer if which == "c" else PyKVReplayer
+    assert list(make().snapshot_payloads()) == []
+    log = commit_log([[fmt.encode_op(PUT, 0, b"k", b"v")], [fmt.encode_op(DELETE, 0, b"k", b"")]])
+    r = make()
+    r.apply_range(log, 0, len(log))
+    assert list(r.snapshot_payloads(1)) == []
+
+
+@pytest.mark.parametrize("which", ["c", "python"])
+def test_failed_replayer_refuses(which: str) -> None:
+    make = require_native().KVReplayer if which == "c" else PyKVReplayer
+    r = make()
+    with pytest.raises(ReplayError):
+        r.apply_range(b"\x00" * 40, 0, 40)  # type 0
+    with pytest.raises(ReplayError, match="raised before"):
+        r.snapshot_payloads()
+
+
+def test_flags_and_kinds_kept_as_logged(native: Any) -> None:
+    """Key-is-str and value kinds 0/1/2 are copied, not re-derived; (b"k", bytes) and ("k", str) are two keys."""
+    ops = [
+        fmt.encode_op(PUT, fmt.op_flags(False, fmt.VALUE_BYTES), b"k", b"b"),
+        fmt.encode_op(PUT, fmt.op_flags(True, fmt.VALUE_STR), b"k", "t\u00e9".encode()),
+        fmt.encode_op(PUT, fmt.op_flags(True, fmt.VALUE_CODEC), b"c", b"\xff not decoded"),
+        fmt.encode_op(PUT, fmt.op_flags(False, fmt.VALUE_STR), b"k", b"last"),  # overwrite: kind and value
+        fmt.encode_op(PUT, fmt.op_flags(True, fmt.VALUE_BYTES), b"\xc3", b""),  # not UTF-8: copied anyway
+    ]
+    log = commit_log([ops])
+    want = [
+        fmt.encode_op(PUT, fmt.op_flags(False, fmt.VALUE_STR), b"k", b"last"),
+        ops[1],
+        ops[2],
+        ops[4],
+    ]
+    for make in (PyKVReplayer, native.KVReplayer):
+        r = make()
+        r.apply_range(log, 0, len(log))
+        assert list(r.snapshot_payloads()) == [b"".join(want)]
+
+
+def test_order_is_dict_order(native: Any) -> None:
+    """A key keeps its first place when overwritten; a PUT after a DELETE goes last."""
+    put = [fmt.encode_op(PUT, 0, k, v) for k, v in [(b"a", b"1"), (b"b", b"2"), (b"c", b"3")]]
+    log = commit_log(
+        [put, [fmt.encode_op(PUT, 0, b"a", b"4")], [fmt.encode_op(DELETE, 0, b"b", b"")],
+         [fmt.encode_op(PUT, 0, b"b", b"5")]]
+    )
+    for make in (PyKVReplayer, native.KVReplayer):
+        r = make()
+        r.apply_range(log, 0, len(log))
+        keys = [op.key for p in r.snapshot_payloads(1) for op in fmt.iter_ops(p)]
+        assert keys == [b"a", b"c", b"b"]
+
+
+def test_large_state_many_chunks(native: Any) -> None:
+    """Thousands of keys with overwrites and deletes, against the reference, across table rebuilds."""
+    txns = []
+    for i in range(20000):
+        k = f"{(i * 7919) % 6000:08d}".encode()
+        if i % 11 == 0:
+            txns.append([fmt.encode_op(DELETE, fmt.op_flags(i % 2 == 0, 0), k, b"")])
+        else:
+            txns.append([fmt.encode_op(PUT, fmt.op_flags(i % 2 == 0, i % 3), k, bytes([i % 251]) * (i % 200))])
+    log = commit_log(txns)
+    py, c = PyKVReplayer(), native.KVReplayer()
+    py.apply_range(log, 0, len(log))
+    c.apply_range(log, 0, len(log))
+    want = list(py.snapshot_payloads(4096))
+    got = list(c.snapshot_payloads(4096))
+    assert got == want and len(got) > 50
+    assert list(decoded(got).items()) == list(model_state([log]).items())
+
+
+def test_mmap_stays_exported_until_the_generator_ends(native: Any, tmp_path: Path) -> None:
+    log, _ = big_log()
+    path = tmp_path / "seg"
+    path.write_bytes(log)
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    r = native.KVReplayer()
+    r.apply_range(m, 0, len(m))
+    gen = r.snapshot_payloads(60)
+    assert len(r) == 0  # finished at once: the table moved to the generator
+    r.apply_range(log, 0, len(log))  # and the replayer is usable again
+    first = next(gen)
+    with pytest.raises(BufferError):
+        m.close()  # the generator's table still points into the map
+    rest = list(gen)
+    m.close()  # ended: released
+    assert [first, *rest] == list(r.snapshot_payloads(60))
+
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    r = native.KVReplayer()
+    r.apply_range(m, 0, len(m))
+    gen = r.snapshot_payloads(60)
+    next(gen)
+    gen.close()  # closed early: released too
+    m.close()
+
+
+@pytest.mark.parametrize("which", ["c", "python"])
+def test_write_snapshot_round_trip(which: str, tmp_path: Path) -> None:
+    """Payloads through snapshot.write_snapshot: a valid snapshot that replays to the same state."""
+    make = require_native().KVReplayer if which == "c" else PyKVReplayer
+    txns = [[fmt.encode_op(PUT, fmt.op_flags(i % 2 == 1, i % 3), f"k{i % 300}".encode(), b"v" * (i % 700))]
+            for i in range(3000)]
+    log = commit_log(txns)
+    r = make()
+    r.apply_range(log, 0, len(log))
+    store_id = bytes(range(16))
+    info = snapshot.write_snapshot(OSFileAPI(), str(tmp_path), store_id, 3000, r.snapshot_payloads(8192))
+    data = Path(info.path).read_bytes()
+    seq, scan = snapshot.check_snapshot(info.path, data, store_id)
+    assert seq == 3000 and info.ops == 300 and info.records > 10
+    assert scan.end == len(data)
+    loaded = PyKVReplayer()
+    loaded.apply_range(data, fmt.FILE_HEADER_SIZE, scan.end)
+    ref = PyKVReplayer()
+    ref.apply_range(log, 0, len(log))
+    assert list(loaded.finish(bytes).items()) == list(ref.finish(bytes).items())
+
+
+def compacted_body(path: Path) -> tuple[bytes, dict[Any, Any]]:
+    """Compact a store with str, bytes and codec values, overwrites and deletes; the snapshot's
+    records (after the header, which carries the per-store id) and the state."""
+    with walstore.open(path, segment_size=4096, auto_compact=False) as db:
+        for i in range(600):
+            db[f"k{i % 80}"] = i
+            db[f"b{i % 40}".encode()] = bytes([i % 256]) * (i % 50)
+            db[f"t{i % 30}"] = "text" * (i % 9)
+            if i % 7 == 0:
+                db.delete(f"k{(i * 3) % 80}")
+        model = db.to_dict()
+        info = db.compact()
+        assert info is not None
+    with walstore.open(path) as db:
+        assert list(db.to_dict().items()) == list(model.items())
+    return Path(info.path).read_bytes()[fmt.FILE_HEADER_SIZE :], model
+
+
+def test_compaction_snapshot_same_with_both_backends(
+    native: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Store compaction goes through snapshot_payloads: the same snapshot bytes with either replayer."""
+    monkeypatch.setattr(native, "AVAILABLE", True)
+    assert walstore.backend() == "c"
+    c_body, c_model = compacted_body(tmp_path / "c")
+    monkeypatch.setattr(native, "AVAILABLE", False)
+    assert walstore.backend() == "python"
+    py_body, py_model = compacted_body(tmp_path / "py")
+    assert c_model == py_model
+    assert c_body == py_body
+
+
+def test_c_copy_runs_without_the_gil(native: Any) -> None:
+    """The copy into a payload is one C call that releases the GIL (cffi API mode): another
+    Python thread runs during it. With a 1 s switch interval the main thread would otherwise
+    keep the GIL for the whole call (tens of ms for 64 MiB), and the counter could not move."""
+    import sys
+    import threading
+
+    value = bytes(range(256)) * 1024  # 256 KiB
+    log = commit_log([[fmt.encode_op(PUT, 0, f"{i:04d}".encode(), value)] for i in range(256)])
+    counter = [0]
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            counter[0] += 1
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)
+    t = threading.Thread(target=spin)
+    try:
+        t.start()
+        moved = []
+        for _ in range(3):  # a loaded machine may not schedule the spinner in time: retry
+            r = native.KVReplayer()
+            r.apply_range(log, 0, len(log))
+            gen = r.snapshot_payloads(64 << 20)
+            while counter[0] == 0:
+                stop.wait(0.001)  # let the spinner start (sleeping releases the GIL)
+            before = counter[0]
+            payload = next(gen)  # one C call fills the whole 64 MiB payload
+            moved.append(counter[0] - before)
+            assert len(payload) > 60 << 20
+            gen.close()
+            if moved[-1]:
+                break
+        assert moved[-1] > 0, f"no progress in another thread during the C copy: {moved}"
+    finally:
+        stop.set()
+        sys.setswitchinterval(old)
+        t.join()
