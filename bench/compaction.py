@@ -40,7 +40,10 @@ def du(path: str) -> int:
     total = 0
     for root, _dirs, files in os.walk(path):
         for f in files:
-            total += os.path.getsize(os.path.join(root, f))
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except FileNotFoundError:  # removed by a background compaction meanwhile
+                pass
     return total
 
 

@@ -311,9 +311,12 @@ class Store(MutableMapping[Key, Any]):
             # The surviving keys as PUT payloads copied straight from the maps (in C, without
             # the GIL): no dict of the state. The C table points into the maps, so they are
             # closed only once the payloads are consumed or the generator closed.
+            live = len(replayer)  # one PUT per surviving key: no need to count them again
             payloads = replayer.snapshot_payloads()
             try:
-                info = snapshot.write_snapshot(core.fs, self.path, core.identity.store_id, seq, payloads)
+                info = snapshot.write_snapshot(
+                    core.fs, self.path, core.identity.store_id, seq, payloads, ops=live
+                )
             finally:
                 payloads.close()
                 for buf in buffers:
