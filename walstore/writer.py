@@ -135,8 +135,8 @@ class LogWriter:
         self._syncing = False
         self._draining = False
         self._gathering = False
-        self._waiters = 0
-        self._last_waiters = 0
+        self._sync_done = threading.Event()
+        self._last_batch = 0
         self._last_sync_s = 0.0
         self._poison: Optional[BaseException] = None
         self._closed = False
@@ -183,10 +183,17 @@ class LogWriter:
                 " until it is reopened"
             ) from self._poison
 
+    def _wake(self) -> None:
+        """(Lock held.) Wake everyone waiting on the lock's condition and on the current sync."""
+        self._cond.notify_all()
+        event = self._sync_done
+        self._sync_done = threading.Event()
+        event.set()
+
     def _poison_with(self, exc: BaseException) -> None:
         if self._poison is None:
             self._poison = exc
-        self._cond.notify_all()
+        self._wake()
 
     # ---- commit ----------------------------------------------------------------
 
@@ -206,7 +213,9 @@ class LogWriter:
                 seg = self._reserve(size)
             seq = self._last_seq + 1
             body = _FRAME_PACK(n, fmt.REC_COMMIT, 0, 0, 0, seq, self._durable_seq) + payload + _PADS[-n & 7]
-            self._append(_U32_PACK(_crc(body)) + body, seq, size, seg, apply, None, None, durability)
+            wait = self._append(_U32_PACK(_crc(body)) + body, seq, size, seg, apply, None, None, durability)
+        if wait:
+            self._await_durable(seq)
         return seq
 
     def commit_op(
@@ -240,7 +249,9 @@ class LogWriter:
                 + value
                 + _PADS[-n & 7]
             )
-            self._append(_U32_PACK(_crc(body)) + body, seq, size, seg, apply, arg1, arg2, durability)
+            wait = self._append(_U32_PACK(_crc(body)) + body, seq, size, seg, apply, arg1, arg2, durability)
+        if wait:
+            self._await_durable(seq)
         return seq
 
     def _reserve(self, size: int) -> ActiveSegment:
@@ -267,8 +278,9 @@ class LogWriter:
         arg1: Any,
         arg2: Any,
         durability: Optional[str],
-    ) -> None:
-        """(Lock held.) Write the framed record, apply it, and wait for its sync if asked."""
+    ) -> bool:
+        """(Lock held.) Write the framed record and apply it; True if the caller must then
+        wait for its sync (`_await_durable`, without the lock)."""
         if _fp._armed:
             _fp.hit("commit.before_write")
         if durability is None:
@@ -296,7 +308,7 @@ class LogWriter:
         self.commits += 1
         self.log_bytes += size
         if self._gathering:
-            self._cond.notify_all()
+            self._wake()
         try:
             if arg1 is None:
                 apply()
@@ -309,10 +321,27 @@ class LogWriter:
             ) from exc
         if _fp._armed:
             _fp.hit("commit.after_apply")
-        if mode == SYNC:
-            self._wait_durable(seq)
-            if _fp._armed:
-                _fp.hit("commit.after_sync")
+        return mode == SYNC
+
+    def _await_durable(self, seq: int) -> None:
+        """(Lock not held.) Return once an fdatasync that began after `seq` was written has
+        returned; lead one when none is running.
+
+        A follower waits on the current sync's event, not on the writer's lock, so the
+        committers a sync releases return at once instead of queueing for the lock.
+        """
+        while self._durable_seq < seq:
+            event = self._sync_done
+            if self._poison is not None or self._closed:
+                with self._mutex:
+                    self._check_usable()
+            if self._syncing or self._draining or self._gathering:
+                event.wait()
+                continue
+            with self._mutex:
+                self._wait_durable(seq)
+        if _fp._armed:
+            _fp.hit("commit.after_sync")
 
     def _write(self, frame: bytes) -> None:
         """Write `frame` at the segment's offset. ENOSPC: undo and raise; other errors poison."""
@@ -347,24 +376,25 @@ class LogWriter:
 
     def _wait_durable(self, seq: int) -> None:
         """Block (lock held) until an fdatasync that began after `seq` was written has returned."""
-        self._waiters += 1
         gathered = False
-        try:
-            while self._durable_seq < seq:
-                if self._poison is not None:
-                    self._check_usable()
-                if self._closed:
-                    raise StoreClosedError("the store was closed while a commit waited for its sync")
-                if self._syncing or self._draining or self._gathering:
-                    self._cond.wait()
-                    continue
-                if not gathered:
-                    gathered = True
-                    if self._gather():
-                        continue  # the lock was let go: look again before leading a sync
+        while self._durable_seq < seq:
+            if self._poison is not None:
+                self._check_usable()
+            if self._closed:
+                raise StoreClosedError("the store was closed while a commit waited for its sync")
+            if self._syncing or self._draining or self._gathering:
+                self._cond.wait()
+                continue
+            if not gathered:
+                gathered = True
+                if self._gather():
+                    continue  # the lock was let go: look again before leading a sync
+            self._sync_leader()
+            if self._durable_seq >= seq and self._written_seq > self._durable_seq and not self._draining:
+                # Records were written during that sync and their committers are waiting:
+                # lead their sync at once (this thread already runs) rather than leave the
+                # disk idle while a woken follower gets going. One chained sync at most.
                 self._sync_leader()
-        finally:
-            self._waiters -= 1
 
     def _gather(self) -> bool:
         """Group commit: before leading a sync, give the committers that shared the last
@@ -373,7 +403,7 @@ class LogWriter:
         A lone committer never waits: it shared its last sync with nobody.
         Returns True if it waited (and so let go of the lock).
         """
-        want = self._last_waiters
+        want = self._last_batch
         if want <= 1 or self._written_seq - self._durable_seq >= want:
             return False
         self._gathering = True
@@ -386,7 +416,7 @@ class LogWriter:
                 self._cond.wait(remaining)
         finally:
             self._gathering = False
-            self._cond.notify_all()
+            self._wake()
         return True
 
     def _sync_leader(self) -> None:
@@ -414,9 +444,9 @@ class LogWriter:
             ) from error
         self.fsyncs += 1
         if target > self._durable_seq:
+            self._last_batch = target - self._durable_seq
             self._durable_seq = target
-        self._last_waiters = self._waiters
-        self._cond.notify_all()
+        self._wake()
 
     def _sync_holding_lock(self, force: bool = False) -> None:
         """fdatasync the active segment without letting go of the lock (rolls, close).
@@ -436,7 +466,7 @@ class LogWriter:
             ) from exc
         self.fsyncs += 1
         self._durable_seq = target
-        self._cond.notify_all()
+        self._wake()
 
     def sync(self) -> None:
         """Make every record written so far durable (group commit with any concurrent syncs)."""
@@ -483,7 +513,7 @@ class LogWriter:
                 self._cond.wait()
         finally:
             self._draining = False
-            self._cond.notify_all()
+            self._wake()
 
     def _roll(self, expect: Optional[ActiveSegment] = None) -> None:
         """Seal the active segment and start the next one (lock held).
@@ -611,7 +641,7 @@ class LogWriter:
             finally:
                 self._closed = True
                 self._stop_flusher.set()
-                self._cond.notify_all()
+                self._wake()
         if self._flusher is not None:
             self._flusher.join()
         self._take_prealloc()
@@ -623,7 +653,7 @@ class LogWriter:
         with self._cond:
             self._closed = True
             self._stop_flusher.set()
-            self._cond.notify_all()
+            self._wake()
         if self._flusher is not None:
             self._flusher.join()
         self._take_prealloc()
