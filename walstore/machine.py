@@ -51,7 +51,8 @@ from typing import Any, Concatenate, Generic, Optional, ParamSpec, TypeVar, cast
 from . import format as fmt
 from . import snapshot
 from .codec import Codec, JSONCodec, PickleCodec, get_codec
-from .core import Identity, LogCore, RecoveryInfo
+from .core import Identity, LogCore
+from .durable import DurableStore
 from .errors import (
     ReplayError,
     SnapshotError,
@@ -527,7 +528,7 @@ def _check_durability(durability: Optional[str]) -> None:
         raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
 
 
-class MachineStore(Generic[S]):
+class MachineStore(DurableStore, Generic[S]):
     """An application's state behind the log. Open with `walstore.open_machine(path, StateClass)`.
 
     `state` is the live object: call its operations to change it (each call
@@ -557,16 +558,9 @@ class MachineStore(Generic[S]):
         self._codec = get_codec(codec)
         self._exact_scalars = type(self._codec) in (JSONCodec, PickleCodec)
         self._durability = durability
-        self._auto_compact = auto_compact
-        self._compact_min_bytes = compact_min_bytes
-        self._compact_ratio = compact_ratio
-        self._keep_snapshots = keep_snapshots
+        self._init_compaction(auto_compact, compact_min_bytes, compact_ratio, keep_snapshots)
         self._lock = threading.RLock()
-        self._compact_lock = threading.Lock()
-        self._compact_thread: Optional[threading.Thread] = None
         self._poisoned = False
-        self.compactions = 0
-        self.last_compaction_error: Optional[BaseException] = None
         replayers: list[_Replayer] = []
         make: Callable[[], Any] = init if init is not None else state_type
 
@@ -576,7 +570,7 @@ class MachineStore(Generic[S]):
             return r
 
         options = WriterOptions(durability, interval_ms, segment_size, preallocate)
-        self._core = LogCore(
+        core = LogCore(
             path,
             factory,
             codec_name=self._codec.name,
@@ -589,23 +583,14 @@ class MachineStore(Generic[S]):
             state = replayers[0].finish()
             if not isinstance(state, state_type):
                 raise TypeError(f"the state is a {type(state).__name__}, not a {state_type.__qualname__}")
-            self._core.release_buffers()
+            core.release_buffers()
             self._state: S = state
             self.replayed_ops = replayers[0].ops
-            self._writer = self._core.writer
-            self._snapshot_seq = self._core.snapshot_seq
-            self._snapshot_size = 0
-            if self._snapshot_seq:
-                self._snapshot_size = os.path.getsize(
-                    os.path.join(self.path, fmt.snapshot_name(self._snapshot_seq))
-                )
-                # Finish what an interrupted compaction left: segments the snapshot covers.
-                snapshot.remove_covered(self._core.fs, self.path, self._snapshot_seq, keep_snapshots)
+            self._opened(core)
             self._manage(state)
         except BaseException:
-            self._core.abandon()
+            core.abandon()
             raise
-        self._compact_at = self._compact_threshold()
 
     def _manage(self, state: S) -> None:
         key = id(state)
@@ -626,10 +611,6 @@ class MachineStore(Generic[S]):
     # ---- identity and state ----------------------------------------------------
 
     @property
-    def path(self) -> str:
-        return self._core.path
-
-    @property
     def state(self) -> S:
         """The live state. Change it only through its operations."""
         self._core.check_open()
@@ -641,37 +622,9 @@ class MachineStore(Generic[S]):
             self._core.check_open()
             return fn(self._state)
 
-    @property
-    def recovery(self) -> RecoveryInfo:
-        """What open() found: the snapshot used, a torn tail cut (and where its bytes went)."""
-        return self._core.recovery
-
-    @property
-    def closed(self) -> bool:
-        return self._core._closed
-
-    @property
-    def last_seq(self) -> int:
-        """Sequence number of the last commit."""
-        return self._writer.last_seq
-
     def stats(self) -> dict[str, Any]:
         """Counters: commits and fsyncs since open (commits/fsyncs is the group-commit batch)."""
-        w = self._writer
-        return {
-            "commits": w.commits,
-            "fsyncs": w.fsyncs,
-            "segment_rolls": w.rolls,
-            "last_seq": w.last_seq,
-            "durable_seq": w.durable_seq,
-            "durability": self._durability,
-            "replayed_ops": self.replayed_ops,
-            "snapshot_seq": self._snapshot_seq,
-            "snapshot_bytes": self._snapshot_size,
-            "log_bytes_since_snapshot": w.log_bytes,
-            "compactions": self.compactions,
-            "last_compaction_error": repr(self.last_compaction_error) if self.last_compaction_error else None,
-        }
+        return {**self._log_stats(), "durability": self._durability, "replayed_ops": self.replayed_ops}
 
     # ---- commits ---------------------------------------------------------------
 
@@ -772,8 +725,7 @@ class MachineStore(Generic[S]):
     def sync(self) -> None:
         """Make every commit so far durable (what `interval` and `none` modes hold back)."""
         _outside_operations("sync()")
-        self._core.check_open()
-        self._writer.sync()
+        super().sync()
 
     # ---- snapshots -------------------------------------------------------------
 
@@ -808,19 +760,6 @@ class MachineStore(Generic[S]):
                 " (the json codec turns tuples into lists and int dict keys into str); nothing changed"
             )
 
-    def _compact_threshold(self) -> float:
-        if not self._auto_compact:
-            return float("inf")
-        return max(self._compact_min_bytes, self._compact_ratio * self._snapshot_size)
-
-    def _maybe_auto_compact(self) -> None:
-        if self._core._closed or self._compact_lock.locked():
-            return  # the running compaction re-arms the threshold when it ends
-        self._compact_at = float("inf")
-        self.compact(wait=False)
-        if self._compact_thread is None or not self._compact_thread.is_alive():
-            self._compact_at = self._compact_threshold()
-
     def compact(self, *, wait: bool = True, verify: bool = False) -> Optional[snapshot.SnapshotInfo]:
         """Write a base snapshot of the state and drop the log it covers.
 
@@ -833,58 +772,32 @@ class MachineStore(Generic[S]):
         With wait=False it runs in a background thread and returns None.
         """
         _outside_operations("compact()")
-        self._core.check_open()
-        if not self._compact_lock.acquire(blocking=wait):
-            return None
-        if wait:
-            try:
-                return self._compact_locked(verify)
-            finally:
-                self._compact_lock.release()
+        return self._start_compaction(wait, {"verify": verify})
 
-        def run() -> None:
-            try:
-                self._compact_locked(verify)
-            except BaseException as exc:  # reported in stats(), never raised into a committer
-                self.last_compaction_error = exc
-            finally:
-                self._compact_lock.release()
-
-        t = threading.Thread(target=run, name="walstore-compact", daemon=True)
-        self._compact_thread = t
-        t.start()
-        return None
-
-    def _compact_locked(self, verify: bool) -> Optional[snapshot.SnapshotInfo]:
+    def _compact_locked(self, **options: Any) -> Optional[snapshot.SnapshotInfo]:
         core = self._core
-        try:
-            # Roll the segment first, off our lock, so that the snapshot covers whole segments
-            # unless commits slip in before we capture (their records are then skipped at replay).
-            self._writer.seal_for_snapshot()
-            with self._lock:
-                core.check_open()
-                if self._poisoned:
-                    raise SnapshotError("an operation's body raised and poisoned the store; no snapshot written")
-                seq = self._writer.last_seq
-                if seq == self._snapshot_seq:
-                    return None
-                kind, blob = self._encode_state(self._state)
-                if verify:
-                    self._verify(kind, blob)
-            # Commits after the seal are in the active segment, perhaps not yet synced (interval and
-            # none modes): the snapshot must never claim a state the durable log has not reached, or
-            # after a power loss the writer would continue that segment at the wrong sequence number.
-            core.wait_durable(seq)
-            info = snapshot.write_snapshot(core.fs, self.path, core.identity.store_id, seq, _blob_payloads(kind, blob))
-            del blob
-            snapshot.remove_covered(core.fs, self.path, seq, self._keep_snapshots)
-            self._snapshot_seq = seq
-            self._snapshot_size = info.size
-            self.compactions += 1
-            self.last_compaction_error = None
-            return info
-        finally:
-            self._compact_at = self._compact_threshold()
+        verify = bool(options.get("verify", False))
+        # Roll the segment first, off our lock, so that the snapshot covers whole segments
+        # unless commits slip in before we capture (their records are then skipped at replay).
+        self._writer.seal_for_snapshot()
+        with self._lock:
+            core.check_open()
+            if self._poisoned:
+                raise SnapshotError("an operation's body raised and poisoned the store; no snapshot written")
+            seq = self._writer.last_seq
+            if seq == self._snapshot_seq:
+                return None
+            kind, blob = self._encode_state(self._state)
+            if verify:
+                self._verify(kind, blob)
+        # Commits after the seal are in the active segment, perhaps not yet synced (interval and
+        # none modes): the snapshot must never claim a state the durable log has not reached, or
+        # after a power loss the writer would continue that segment at the wrong sequence number.
+        core.wait_durable(seq)
+        info = snapshot.write_snapshot(core.fs, self.path, core.identity.store_id, seq, _blob_payloads(kind, blob))
+        del blob
+        snapshot.remove_covered(core.fs, self.path, seq, self._keep_snapshots)
+        return info
 
     # ---- close -----------------------------------------------------------------
 
@@ -894,21 +807,7 @@ class MachineStore(Generic[S]):
         Idempotent. Operations on the state afterwards raise StoreClosedError.
         """
         _outside_operations("close()")
-        t = self._compact_thread
-        if t is not None:
-            t.join()
-        self._core.close()
-
-    def __enter__(self) -> MachineStore[S]:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: Optional[type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
-    ) -> None:
-        self.close()
+        super().close()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"seq {self.last_seq}"

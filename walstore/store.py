@@ -14,7 +14,6 @@ Guarantees (docs/GUARANTEES.md states them per durability mode):
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterator, MutableMapping
 from types import TracebackType
 from typing import Any, Optional, Union
@@ -22,7 +21,8 @@ from typing import Any, Optional, Union
 from . import format as fmt
 from . import replay, snapshot
 from .codec import Codec, get_codec
-from .core import Identity, LogCore, RecoveryInfo
+from .core import Identity, LogCore
+from .durable import DurableStore
 from .errors import KeyTypeError, SnapshotError, TransactionClosedError
 from .fileapi import OSFileAPI
 from .kvreplay import make_kv_replayer
@@ -51,7 +51,7 @@ def encode_key(key: object) -> tuple[bytes, int]:
     raise KeyTypeError(f"keys must be str or bytes, not {type(key).__name__}")
 
 
-class Store(MutableMapping[Key, Any]):
+class Store(DurableStore, MutableMapping[Key, Any]):
     """A durable dict. Open with `walstore.open(path)`; use as a context manager.
 
     Keys are str or bytes (``"a"`` and ``b"a"`` are different keys). bytes and
@@ -77,14 +77,7 @@ class Store(MutableMapping[Key, Any]):
         keep_snapshots: int = 1,
     ) -> None:
         self._codec = get_codec(codec)
-        self._auto_compact = auto_compact
-        self._compact_min_bytes = compact_min_bytes
-        self._compact_ratio = compact_ratio
-        self._keep_snapshots = keep_snapshots
-        self._compact_lock = threading.Lock()
-        self._compact_thread: Optional[threading.Thread] = None
-        self.compactions = 0
-        self.last_compaction_error: Optional[BaseException] = None
+        self._init_compaction(auto_compact, compact_min_bytes, compact_ratio, keep_snapshots)
         made: list[Any] = []
 
         def factory(identity: Identity) -> Any:
@@ -92,65 +85,23 @@ class Store(MutableMapping[Key, Any]):
             return made[-1]
 
         options = WriterOptions(durability, interval_ms, segment_size, preallocate)
-        self._core = LogCore(path, factory, codec_name=self._codec.name, options=options, create=create, fs=fs)
+        core = LogCore(path, factory, codec_name=self._codec.name, options=options, create=create, fs=fs)
         try:
             self._data: dict[Key, Any] = made[-1].finish(self._codec.decode)
         except BaseException:
-            self._core.abandon()
+            core.abandon()
             raise
         made.clear()
-        self._core.release_buffers()
-        self._writer = self._core.writer
+        core.release_buffers()
         self._set = self._data.__setitem__
         self._pop = self._data.pop
-        self._snapshot_seq = self._core.snapshot_seq
-        self._snapshot_size = 0
-        if self._snapshot_seq:
-            self._snapshot_size = os.path.getsize(
-                os.path.join(self.path, fmt.snapshot_name(self._snapshot_seq))
-            )
-            # Finish what an interrupted compaction left: segments the snapshot covers.
-            snapshot.remove_covered(self._core.fs, self.path, self._snapshot_seq, keep_snapshots)
-        self._compact_at = self._compact_threshold()
+        self._opened(core)
 
     # ---- identity and state ----------------------------------------------------
 
-    @property
-    def path(self) -> str:
-        return self._core.path
-
-    @property
-    def recovery(self) -> RecoveryInfo:
-        """What open() found: replayer used, torn tail cut (and where its bytes went)."""
-        return self._core.recovery
-
-    @property
-    def closed(self) -> bool:
-        return self._core._closed
-
-    @property
-    def last_seq(self) -> int:
-        """Sequence number of the last commit."""
-        return self._writer.last_seq
-
     def stats(self) -> dict[str, Any]:
-        """Counters: commits and fsyncs since open (commits/fsyncs is the group-commit batch)."""
-        w = self._writer
-        return {
-            "keys": len(self._data),
-            "commits": w.commits,
-            "fsyncs": w.fsyncs,
-            "segment_rolls": w.rolls,
-            "last_seq": w.last_seq,
-            "durable_seq": w.durable_seq,
-            "durability": self._core.options.durability,
-            "backend": self._core.recovery.backend,
-            "snapshot_seq": self._snapshot_seq,
-            "snapshot_bytes": self._snapshot_size,
-            "log_bytes_since_snapshot": self._writer.log_bytes,
-            "compactions": self.compactions,
-            "last_compaction_error": repr(self.last_compaction_error) if self.last_compaction_error else None,
-        }
+        """Counters: keys, commits and fsyncs since open (commits/fsyncs is the group-commit batch)."""
+        return {"keys": len(self._data), **self._log_stats()}
 
     # ---- encoding --------------------------------------------------------------
 
@@ -242,20 +193,6 @@ class Store(MutableMapping[Key, Any]):
 
     # ---- compaction ------------------------------------------------------------
 
-    def _compact_threshold(self) -> float:
-        if not self._auto_compact:
-            return float("inf")
-        return max(self._compact_min_bytes, self._compact_ratio * self._snapshot_size)
-
-    def _maybe_auto_compact(self) -> None:
-        """Start a background compaction unless one is running (the automatic policy)."""
-        if self._core._closed or self._compact_lock.locked():
-            return  # the running compaction re-arms the threshold when it ends
-        self._compact_at = float("inf")
-        self.compact(wait=False)
-        if self._compact_thread is None or not self._compact_thread.is_alive():
-            self._compact_at = self._compact_threshold()
-
     def compact(self, *, wait: bool = True) -> Optional[snapshot.SnapshotInfo]:
         """Write a base snapshot of the state and drop the log it covers.
 
@@ -265,103 +202,44 @@ class Store(MutableMapping[Key, Any]):
         lock. A failed snapshot write leaves the store as it was and does not
         poison it. With wait=False it runs in a background thread and returns None.
         """
-        self._core.check_open()
-        if not self._compact_lock.acquire(blocking=wait):
-            return None
-        if wait:
-            try:
-                return self._compact_locked()
-            finally:
-                self._compact_lock.release()
+        return self._start_compaction(wait, {})
 
-        def run() -> None:
-            try:
-                self._compact_locked()
-            except BaseException as exc:  # reported in stats(), never raised into a committer
-                self.last_compaction_error = exc
-            finally:
-                self._compact_lock.release()
-
-        t = threading.Thread(target=run, name="walstore-compact", daemon=True)
-        self._compact_thread = t
-        t.start()
-        return None
-
-    def _compact_locked(self) -> Optional[snapshot.SnapshotInfo]:
+    def _compact_locked(self, **options: Any) -> Optional[snapshot.SnapshotInfo]:
         core = self._core
+        seq = self._writer.seal_for_snapshot()
+        if seq == self._snapshot_seq:
+            return None
+        replayer = make_kv_replayer()
+        buffers: list[Any] = []
+        base = 0
+        found, _rejected = snapshot.newest_valid_snapshot(self.path, core.identity.store_id)
+        if found is not None:
+            base, _p, data, scan = found
+            replayer.apply_range(data, fmt.FILE_HEADER_SIZE, scan.end)
+            buffers.append(data)
+        state = replay.inspect_log(self.path, core.identity.store_id, base, replayer, buffers, until_seq=seq)
+        if state.last_seq != seq or state.torn is not None:
+            raise SnapshotError(f"sealed log ends at {state.last_seq}, expected {seq}; no snapshot written")
+        # The surviving keys as PUT payloads copied straight from the maps (in C, without
+        # the GIL): no dict of the state. The C table points into the maps, so they are
+        # closed only once the payloads are consumed or the generator closed.
+        live = len(replayer)  # one PUT per surviving key: no need to count them again
+        payloads = replayer.snapshot_payloads()
         try:
-            seq = self._writer.seal_for_snapshot()
-            if seq == self._snapshot_seq:
-                return None
-            replayer = make_kv_replayer()
-            buffers: list[Any] = []
-            base = 0
-            found, _rejected = snapshot.newest_valid_snapshot(self.path, core.identity.store_id)
-            if found is not None:
-                base, _p, data, scan = found
-                replayer.apply_range(data, fmt.FILE_HEADER_SIZE, scan.end)
-                buffers.append(data)
-            state = replay.inspect_log(
-                self.path, core.identity.store_id, base, replayer, buffers, until_seq=seq
-            )
-            if state.last_seq != seq or state.torn is not None:
-                raise SnapshotError(
-                    f"sealed log ends at {state.last_seq}, expected {seq}; no snapshot written"
-                )
-            # The surviving keys as PUT payloads copied straight from the maps (in C, without
-            # the GIL): no dict of the state. The C table points into the maps, so they are
-            # closed only once the payloads are consumed or the generator closed.
-            live = len(replayer)  # one PUT per surviving key: no need to count them again
-            payloads = replayer.snapshot_payloads()
-            try:
-                info = snapshot.write_snapshot(
-                    core.fs, self.path, core.identity.store_id, seq, payloads, ops=live
-                )
-            finally:
-                payloads.close()
-                for buf in buffers:
-                    close = getattr(buf, "close", None)
-                    if close is not None:
-                        close()
-            snapshot.remove_covered(core.fs, self.path, seq, self._keep_snapshots)
-            self._snapshot_seq = seq
-            self._snapshot_size = info.size
-            self.compactions += 1
-            self.last_compaction_error = None
-            return info
+            info = snapshot.write_snapshot(core.fs, self.path, core.identity.store_id, seq, payloads, ops=live)
         finally:
-            self._compact_at = self._compact_threshold()
+            payloads.close()
+            for buf in buffers:
+                close = getattr(buf, "close", None)
+                if close is not None:
+                    close()
+        snapshot.remove_covered(core.fs, self.path, seq, self._keep_snapshots)
+        return info
 
     def transaction(self, *, durability: Optional[str] = None) -> Transaction:
         """An all-or-nothing group of changes: one COMMIT record when the block ends cleanly."""
         self._core.check_open()
         return Transaction(self, durability)
-
-    def sync(self) -> None:
-        """Make every commit so far durable (what `interval` and `none` modes hold back)."""
-        self._core.check_open()
-        self._writer.sync()
-
-    def close(self) -> None:
-        """Wait for a running compaction, sync, mark the log cleanly closed, release the lock.
-
-        Idempotent.
-        """
-        t = self._compact_thread
-        if t is not None:
-            t.join()
-        self._core.close()
-
-    def __enter__(self) -> Store:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: Optional[type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self._data)} keys, seq {self.last_seq}"

@@ -136,6 +136,7 @@ class LogWriter:
         self._draining = False
         self._gathering = False
         self._sync_done = threading.Event()
+        self._event_taken = False
         self._last_batch = 0
         self._last_sync_s = 0.0
         self._poison: Optional[BaseException] = None
@@ -184,11 +185,17 @@ class LogWriter:
             ) from self._poison
 
     def _wake(self) -> None:
-        """(Lock held.) Wake everyone waiting on the lock's condition and on the current sync."""
+        """(Lock held.) Wake everyone waiting on the lock's condition and on the current sync.
+
+        A new event is made only when a follower took the current one: a lone
+        committer's syncs cost no event at all.
+        """
         self._cond.notify_all()
-        event = self._sync_done
-        self._sync_done = threading.Event()
-        event.set()
+        if self._event_taken:
+            event = self._sync_done
+            self._sync_done = threading.Event()
+            self._event_taken = False
+            event.set()
 
     def _poison_with(self, exc: BaseException) -> None:
         if self._poison is None:
@@ -336,7 +343,10 @@ class LogWriter:
                 with self._mutex:
                     self._check_usable()
             if self._syncing or self._draining or self._gathering:
-                event.wait()
+                self._event_taken = True
+                # The timeout only covers the instant between taking the event and marking
+                # it taken, when a sync may end without setting it; the loop then looks again.
+                event.wait(0.005)
                 continue
             with self._mutex:
                 self._wait_durable(seq)
