@@ -3,45 +3,21 @@ through transactions, rejected operations, compactions, closes, crashes and reop
 
 from __future__ import annotations
 
-import heapq
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import hypothesis.strategies as st
 import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
+from machines import PQ
 from storetools import crash
 
 import walstore
 
-
-class Queue:
-    """The state under test: a binary heap of [priority, arrival, item]; pop must find an item."""
-
-    def __init__(self) -> None:
-        self.heap: list[list[Any]] = []
-        self.arrivals = 0
-
-    @walstore.operation
-    def push(self, priority: int, item: str) -> None:
-        heapq.heappush(self.heap, [priority, self.arrivals, item])
-        self.arrivals += 1
-
-    @walstore.operation
-    def pop(self) -> str:
-        item: str = heapq.heappop(self.heap)[2]
-        return item
-
-    @pop.validator
-    def check_pop(self) -> None:
-        if not self.heap:
-            raise IndexError("pop from an empty queue")
-
-    def contents(self) -> list[tuple[int, str]]:
-        return [(p, item) for p, _n, item in sorted(self.heap)]
+Queue = PQ
 
 
 class Model:
@@ -180,7 +156,7 @@ class QueueVsModel(RuleBasedStateMachine):
     @invariant()
     def equals_model(self) -> None:
         if self.store is not None:
-            assert self.store.read(lambda q: (q.contents(), q.arrivals)) == (
+            assert self.store.read(lambda q: (q.contents(), q.pushed)) == (
                 self.model.contents(),
                 self.model.arrivals,
             )
