@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -117,19 +118,22 @@ def write_snapshot(
         batch: list[bytes] = []
         batch_size = 0
         synced_at = 0
-        for payload in payloads:
-            if ops is None:
-                counted += _count_ops(payload)
-            frame = fmt.encode_frame(fmt.REC_SNAPSHOT_DATA, seq, seq, payload)
-            records += 1
-            batch.append(frame)
-            batch_size += len(frame)
-            if batch_size >= 4 * CHUNK_BYTES:
-                offset += fs.pwrite(fd, b"".join(batch), offset)
-                batch, batch_size = [], 0
-                if offset - synced_at >= SYNC_EVERY:
-                    fs.fdatasync(fd)
-                    synced_at = offset
+        behind = _WriteBehind(fs, fd)
+        try:
+            for payload in payloads:
+                if ops is None:
+                    counted += _count_ops(payload)
+                frame = fmt.encode_frame(fmt.REC_SNAPSHOT_DATA, seq, seq, payload)
+                records += 1
+                batch.append(frame)
+                batch_size += len(frame)
+                if batch_size >= 4 * CHUNK_BYTES:
+                    offset += fs.pwrite(fd, b"".join(batch), offset)
+                    batch, batch_size = [], 0
+                    if offset - synced_at >= SYNC_EVERY and behind.request():
+                        synced_at = offset
+        finally:
+            behind.finish()
         if ops is None:
             ops = counted
         batch.append(
@@ -155,6 +159,44 @@ def write_snapshot(
             raise DiskFullError(exc.errno, f"disk full writing snapshot {final}; nothing changed") from exc
         raise SnapshotError(f"writing snapshot {final} failed: {exc}; nothing changed") from exc
     return SnapshotInfo(final, seq, offset, records, ops)
+
+
+class _WriteBehind:
+    """fdatasyncs of a file being written, in a background thread, one at a time.
+
+    They only spread the flushing out (the final fsync is what makes the file
+    durable), so a request while one is running is declined and an error is
+    kept for `finish`, which raises it.
+    """
+
+    def __init__(self, fs: OSFileAPI, fd: int) -> None:
+        self._fs = fs
+        self._fd = fd
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[OSError] = None
+
+    def _run(self) -> None:
+        try:
+            self._fs.fdatasync(self._fd)
+        except OSError as exc:
+            self._error = exc
+
+    def request(self) -> bool:
+        """Start an fdatasync unless one is running; True if started."""
+        if self._thread is not None and self._thread.is_alive():
+            return False
+        if self._error is not None:
+            raise self._error
+        self._thread = threading.Thread(target=self._run, name="walstore-snapshot-sync", daemon=True)
+        self._thread.start()
+        return True
+
+    def finish(self) -> None:
+        """Wait for the running fdatasync; raise its error, if any."""
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _count_ops(payload: bytes) -> int:
