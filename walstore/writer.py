@@ -23,7 +23,6 @@ import os
 import struct
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -134,11 +133,8 @@ class LogWriter:
         self._durable_seq = last_seq
         self._syncing = False
         self._draining = False
-        self._gathering = False
         self._sync_done = threading.Event()
         self._event_taken = False
-        self._last_batch = 0
-        self._last_sync_s = 0.0
         self._poison: Optional[BaseException] = None
         self._closed = False
         self.commits = 0
@@ -314,8 +310,6 @@ class LogWriter:
         self._written_seq = seq
         self.commits += 1
         self.log_bytes += size
-        if self._gathering:
-            self._wake()
         try:
             if arg1 is None:
                 apply()
@@ -342,7 +336,7 @@ class LogWriter:
             if self._poison is not None or self._closed:
                 with self._mutex:
                     self._check_usable()
-            if self._syncing or self._draining or self._gathering:
+            if self._syncing or self._draining:
                 self._event_taken = True
                 # The timeout only covers the instant between taking the event and marking
                 # it taken, when a sync may end without setting it; the loop then looks again.
@@ -386,48 +380,20 @@ class LogWriter:
 
     def _wait_durable(self, seq: int) -> None:
         """Block (lock held) until an fdatasync that began after `seq` was written has returned."""
-        gathered = False
         while self._durable_seq < seq:
             if self._poison is not None:
                 self._check_usable()
             if self._closed:
                 raise StoreClosedError("the store was closed while a commit waited for its sync")
-            if self._syncing or self._draining or self._gathering:
+            if self._syncing or self._draining:
                 self._cond.wait()
                 continue
-            if not gathered:
-                gathered = True
-                if self._gather():
-                    continue  # the lock was let go: look again before leading a sync
             self._sync_leader()
             if self._durable_seq >= seq and self._written_seq > self._durable_seq and not self._draining:
                 # Records were written during that sync and their committers are waiting:
                 # lead their sync at once (this thread already runs) rather than leave the
                 # disk idle while a woken follower gets going. One chained sync at most.
                 self._sync_leader()
-
-    def _gather(self) -> bool:
-        """Group commit: before leading a sync, give the committers that shared the last
-        sync a moment (at most half an fdatasync, at most 1 ms) to write their next records.
-
-        A lone committer never waits: it shared its last sync with nobody.
-        Returns True if it waited (and so let go of the lock).
-        """
-        want = self._last_batch
-        if want <= 1 or self._written_seq - self._durable_seq >= want:
-            return False
-        self._gathering = True
-        try:
-            deadline = time.monotonic() + min(0.001, self._last_sync_s / 2)
-            while self._written_seq - self._durable_seq < want and self._poison is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-        finally:
-            self._gathering = False
-            self._wake()
-        return True
 
     def _sync_leader(self) -> None:
         """Lead one fdatasync covering every record written so far (lock held on entry and exit)."""
@@ -436,14 +402,12 @@ class LogWriter:
         fd = self._seg.fd
         error: Optional[OSError] = None
         self._cond.release()
-        started = time.monotonic()
         try:
             try:
                 self._fs.fdatasync(fd)
             except OSError as exc:
                 error = exc
         finally:
-            self._last_sync_s = time.monotonic() - started
             self._cond.acquire()
             self._syncing = False
         if error is not None:
@@ -454,7 +418,6 @@ class LogWriter:
             ) from error
         self.fsyncs += 1
         if target > self._durable_seq:
-            self._last_batch = target - self._durable_seq
             self._durable_seq = target
         self._wake()
 
