@@ -564,8 +564,6 @@ def test_progress_bar_only_on_a_terminal() -> None:
 
 def test_snapshots_are_shown_checked_and_a_rejected_one_is_quarantined(tmp_path: Path) -> None:
     p = tmp_path / "s"
-    if not hasattr(walstore.Store, "compact"):
-        pytest.skip("this version has no snapshots")
     with walstore.open(p, segment_size=SEG, keep_snapshots=2, auto_compact=False) as db:
         for i in range(1, 101):
             db[f"k{i}"] = value(i)

@@ -379,8 +379,6 @@ def _opens(path: Path) -> bool:
 def test_random_damage_with_snapshots(tmp_path: Path) -> None:
     import random
 
-    if not hasattr(walstore.Store, "compact"):
-        pytest.skip("this version has no snapshots")
     base = tmp_path / "base"
     with walstore.open(base, segment_size=SEG, keep_snapshots=2, auto_compact=False) as db:
         for i in range(1, 101):
