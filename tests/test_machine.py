@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import machines
 import pytest
 from storetools import crash
 
@@ -22,27 +23,8 @@ from walstore import reader, snapshot
 from walstore.fileapi import OSFileAPI
 
 
-class PQ:
-    """A priority queue: ties pop in push order."""
-
-    def __init__(self) -> None:
-        self.heap: list[list[Any]] = []
-        self.pushed = 0
-
-    @walstore.operation
-    def push(self, priority: int, item: str) -> None:
-        heapq.heappush(self.heap, [priority, self.pushed, item])
-        self.pushed += 1
-
-    @walstore.operation
-    def pop(self) -> str:
-        item: str = heapq.heappop(self.heap)[2]
-        return item
-
-    @pop.validator
-    def check_pop(self) -> None:
-        if not self.heap:
-            raise IndexError("pop from an empty queue")
+class PQ(machines.PQ):
+    """The shared priority queue, plus operations that exercise the store's rules."""
 
     @walstore.operation
     def pop_unchecked(self) -> str:
