@@ -911,46 +911,11 @@ class MachineTransaction(Generic[S]):
             self.rollback()
 
 
-def open_machine(
-    path: str | os.PathLike[str],
-    state_type: type[S],
-    *,
-    init: Optional[Callable[[], S]] = None,
-    durability: str = "sync",
-    interval_ms: float = 100.0,
-    codec: str | Codec = "json",
-    segment_size: int = 64 << 20,
-    preallocate: bool = True,
-    create: bool = True,
-    fs: Optional[OSFileAPI] = None,
-    auto_compact: bool = True,
-    compact_min_bytes: int = 64 << 20,
-    compact_ratio: float = 1.0,
-    keep_snapshots: int = 1,
-) -> MachineStore[S]:
-    """Open (or create) the store in directory `path` holding a `state_type` state.
-
-    The state is the newest snapshot restored (`__walstore_restore__`, or the
-    attributes set on a new object) or `init()` (default `state_type()`),
-    followed by every logged operation replayed in order. durability,
-    codec, segment and compaction options are those of `walstore.open`.
-    """
-    return MachineStore(
-        path,
-        state_type,
-        init=init,
-        durability=durability,
-        interval_ms=interval_ms,
-        codec=codec,
-        segment_size=segment_size,
-        preallocate=preallocate,
-        create=create,
-        fs=fs,
-        auto_compact=auto_compact,
-        compact_min_bytes=compact_min_bytes,
-        compact_ratio=compact_ratio,
-        keep_snapshots=keep_snapshots,
-    )
+open_machine = MachineStore
+"""`walstore.open_machine(path, StateClass, ...)` opens (or creates) a store holding a
+`StateClass` state: the newest snapshot restored (`__walstore_restore__`, or the attributes
+set on a new object) or `init()` (default `StateClass()`), then every logged operation
+replayed in order. The options are `MachineStore`'s, as for `walstore.open`."""
 
 
 __all__ = [

@@ -58,6 +58,17 @@ class Store(DurableStore, MutableMapping[Key, Any]):
     str values are stored as they are; other values go through the codec
     (JSON by default), and the store keeps the decoded value, so what you
     read now is what a reopen returns.
+
+    durability: "sync" (default: every commit is on disk when it returns),
+    "interval" (a background fdatasync every `interval_ms`), or "none" (the OS
+    decides; `sync()` forces). preallocate=False for copy-on-write
+    filesystems (btrfs, ZFS), where pre-written zeros buy nothing.
+
+    Compaction: with auto_compact, a background compaction starts when the
+    log written since the last snapshot exceeds both `compact_min_bytes` and
+    `compact_ratio` times the snapshot's size (as Redis auto-aof-rewrite).
+    `keep_snapshots` older snapshots (with the log after them) are kept, so a
+    damaged newest snapshot can be rebuilt around.
     """
 
     def __init__(
@@ -356,45 +367,6 @@ class Transaction(MutableMapping[Key, Any]):
             self.rollback()
 
 
-def open(  # noqa: A001 - the natural name, as in shelve.open / dbm.open
-    path: str | os.PathLike[str],
-    *,
-    durability: str = "sync",
-    interval_ms: float = 100.0,
-    codec: str | Codec = "json",
-    segment_size: int = 64 << 20,
-    preallocate: bool = True,
-    create: bool = True,
-    fs: Optional[OSFileAPI] = None,
-    auto_compact: bool = True,
-    compact_min_bytes: int = 64 << 20,
-    compact_ratio: float = 1.0,
-    keep_snapshots: int = 1,
-) -> Store:
-    """Open (or create) the store in directory `path`.
-
-    durability: "sync" (default: every commit is on disk when it returns),
-    "interval" (a background fdatasync every `interval_ms`), or "none" (the OS
-    decides; `sync()` forces). preallocate=False for copy-on-write
-    filesystems (btrfs, ZFS), where pre-written zeros buy nothing.
-
-    Compaction: with auto_compact, a background compaction starts when the
-    log written since the last snapshot exceeds both `compact_min_bytes` and
-    `compact_ratio` times the snapshot's size (as Redis auto-aof-rewrite).
-    `keep_snapshots` older snapshots (with the log after them) are kept, so a
-    damaged newest snapshot can be rebuilt around.
-    """
-    return Store(
-        path,
-        durability=durability,
-        interval_ms=interval_ms,
-        codec=codec,
-        segment_size=segment_size,
-        preallocate=preallocate,
-        create=create,
-        fs=fs,
-        auto_compact=auto_compact,
-        compact_min_bytes=compact_min_bytes,
-        compact_ratio=compact_ratio,
-        keep_snapshots=keep_snapshots,
-    )
+open = Store  # noqa: A001 - the natural name, as in shelve.open / dbm.open
+"""`walstore.open(path, ...)` opens (or creates) the key-value store in directory `path`;
+the options are `Store`'s."""
