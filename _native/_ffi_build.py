@@ -1,4 +1,4 @@
-"""cffi (API mode) build of `walstore._walstore_native`: the C scanner, CRC32C and KV replay.
+"""cffi (API mode) build of `walstore._walstore_native`: the C scanner, CRC32C, KV replay and log writer.
 
 Used by setup.py (`cffi_modules`); `optional=True` reaches the setuptools
 Extension, so an install without a C compiler succeeds and walstore replays
@@ -15,8 +15,8 @@ import shutil
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["crc32c.c", "scan.c", "kvreplay.c"]
-HEADERS = ["walstore_format.h", "crc32c.h", "scan.h", "kvreplay.h", "le.h"]
+SOURCES = ["crc32c.c", "scan.c", "kvreplay.c", "logwrite.c"]
+HEADERS = ["walstore_format.h", "crc32c.h", "scan.h", "kvreplay.h", "logwrite.h", "le.h"]
 EXTRA_COMPILE_ARGS = ["-O2", "-Wall", "-Wextra", "-std=gnu11"]
 
 _DEFINE = re.compile(r"^#define\s+(WS_\w+)\s+(0x[0-9A-Fa-f]+|\d+)u?\s*(?:/\*.*)?$")
@@ -34,6 +34,11 @@ CDEF = (
     + _int_defines("scan.h")
     + _int_defines("kvreplay.h")
     + """
+#define WS_LOG_NO_ROOM ...
+#define WS_LOG_TOO_BIG ...
+#define WS_LOG_CLOSED ...
+#define WS_LOG_FAILED ...
+
 uint32_t ws_crc32c(uint32_t crc, const char *buf, size_t len);
 uint32_t ws_crc32c_table(uint32_t crc, const char *buf, size_t len);
 const char *ws_crc32c_impl(void);
@@ -67,6 +72,27 @@ void ws_kv_export_sizes(const ws_kv *kv, uint64_t *blob_bytes, uint64_t *runs);
 int64_t ws_kv_export(const ws_kv *kv, uint8_t *blob, size_t blob_size, uint64_t *runs, size_t runs_cap);
 int64_t ws_kv_snapshot_chunk(const ws_kv *kv, uint64_t *cursor, uint64_t chunk_bytes, uint8_t *out,
                              size_t out_size, uint64_t *need);
+
+typedef struct ws_log ws_log;
+ws_log *ws_log_new(uint64_t last_seq);
+void ws_log_free(ws_log *log);
+int ws_log_set_segment(ws_log *log, int fd, uint64_t map_size);
+void ws_log_set_limit(ws_log *log, uint64_t limit);
+int64_t ws_log_append(ws_log *log, uint64_t seq, uint64_t offset, uint32_t type, const uint8_t *payload,
+                      size_t size, int lazy);
+int64_t ws_log_append_op(ws_log *log, uint64_t seq, uint64_t offset, uint32_t op_flags, const uint8_t *key,
+                         size_t key_size, const uint8_t *value, size_t value_size, int lazy);
+int ws_log_wait(ws_log *log, uint64_t seq);
+void ws_log_pause(ws_log *log);
+void ws_log_resume(ws_log *log);
+void ws_log_publish(ws_log *log, uint64_t seq);
+void ws_log_mark_durable(ws_log *log, uint64_t seq);
+void ws_log_fail(ws_log *log, int err);
+void ws_log_inject(ws_log *log, int sync_errno, int write_errno);
+uint64_t ws_log_durable(ws_log *log);
+uint64_t ws_log_written(ws_log *log);
+uint64_t ws_log_fsyncs(ws_log *log);
+int ws_log_error(ws_log *log);
 """
 )
 
@@ -83,7 +109,7 @@ def make_ffi(absolute: bool = False) -> FFI:
     builder.cdef(CDEF)
     builder.set_source(
         "walstore._walstore_native",
-        '#include "walstore_format.h"\n#include "crc32c.h"\n#include "scan.h"\n#include "kvreplay.h"\n',
+        "".join(f'#include "{h}"\n' for h in ("walstore_format.h", "crc32c.h", "scan.h", "kvreplay.h", "logwrite.h")),
         sources=[_path(s) for s in SOURCES],
         include_dirs=[_path(".")],
         depends=[_path(h) for h in HEADERS],

@@ -22,6 +22,7 @@ from . import format as fmt
 from . import reader, replay, snapshot
 from .errors import CorruptionError, NotAStoreError, StoreClosedError, StoreLockedError, WalstoreError
 from .fileapi import DEFAULT, OSFileAPI
+from .nativelog import make_writer
 from .writer import DURABILITY_MODES, ActiveSegment, LogWriter, WriterOptions, create_segment
 
 
@@ -295,7 +296,7 @@ class LogCore:
         else:
             seg = create_segment(self.fs, self.path, self.identity.store_id, state.last_seq + 1,
                                  state.last_seq, 0, opts)
-        return LogWriter(self.fs, self.path, self.identity.store_id, seg, state.last_seq, opts)
+        return make_writer(self.fs, self.path, self.identity.store_id, seg, state.last_seq, opts)
 
     def check_open(self) -> None:
         if self._closed:
@@ -309,12 +310,7 @@ class LogCore:
         (group commit). Raises StorePoisonedError if a sync failed before
         covering `seq`.
         """
-        w = self.writer
-        with w.lock:
-            if w.durable_seq >= seq:
-                return
-            w._check_usable()
-            w._wait_durable(seq)
+        self.writer.wait_durable(seq)
 
     def close(self) -> None:
         """Write the CLOSE record, sync, release the lock. Idempotent."""

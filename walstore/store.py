@@ -162,9 +162,6 @@ class Store(DurableStore, MutableMapping[Key, Any]):
 
     # ---- writes ----------------------------------------------------------------
 
-    def __setitem__(self, key: Key, value: Any) -> None:
-        self.put(key, value)
-
     def __delitem__(self, key: Key) -> None:
         if not self.delete(key):
             raise KeyError(key)
@@ -189,6 +186,8 @@ class Store(DurableStore, MutableMapping[Key, Any]):
         w.commit_op(_PUT, kf | vf, kb, vb, self._set, key, kept, durability)
         if w.log_bytes > self._compact_at:
             self._maybe_auto_compact()
+
+    __setitem__ = put  # db[key] = value: the hot path, without a second call
 
     def delete(self, key: Key, *, durability: Optional[str] = None) -> bool:
         """Remove `key` as one commit; False (and nothing logged) if it was absent."""

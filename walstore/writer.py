@@ -25,7 +25,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 from . import failpoints as _fp
 from . import format as fmt
@@ -77,22 +77,27 @@ class ActiveSegment:
             self.mapping = None
 
 
-def map_for_writes(fs: OSFileAPI, seg: ActiveSegment, preallocate: bool) -> None:
-    """Map a pre-written segment so records are copied into the page cache without a syscall.
+def mappable(fs: OSFileAPI, seg: ActiveSegment, preallocate: bool) -> bool:
+    """Records may be copied into a shared map of `seg` instead of pwritten.
 
-    Only on Linux, only over pre-written (allocated, zeroed) space, so a write
-    can never meet a full disk; only with the plain OS file API, so a
+    Only on Linux, only over pre-written (allocated, zeroed) space, so a
+    write can never meet a full disk; only with the plain OS file API, so a
     recording or fault-injecting layer sees every write as a pwrite. A
     process crash loses nothing written to the map (the pages belong to the
     kernel); fdatasync makes them durable exactly as it does pwrite's.
     """
-    if (
+    return (
         preallocate
         and sys.platform.startswith("linux")
         and type(fs).pwrite is OSFileAPI.pwrite
         and seg.file_size > seg.offset
         and os.environ.get("WALSTORE_NO_MMAP") != "1"
-    ):
+    )
+
+
+def map_for_writes(fs: OSFileAPI, seg: ActiveSegment, preallocate: bool) -> None:
+    """Map `seg` for lazy-mode writes where `mappable`; a failed map means pwrite."""
+    if mappable(fs, seg, preallocate):
         try:
             seg.mapping = mmap.mmap(seg.fd, seg.file_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except (OSError, ValueError):
@@ -137,7 +142,7 @@ class LogWriter:
         self._event_taken = False
         self._poison: Optional[BaseException] = None
         self._closed = False
-        self.commits = 0
+        self._open_seq = last_seq
         self.log_bytes = 0
         """Bytes of records written since open or since the last `seal_for_snapshot`."""
         self.fsyncs = 0
@@ -146,7 +151,7 @@ class LogWriter:
         self._prealloc_ready = False
         self._flusher: Optional[threading.Thread] = None
         self._stop_flusher = threading.Event()
-        map_for_writes(fs, segment, options.preallocate)
+        self._attach(segment)
         self._maybe_prealloc()
         if options.durability == INTERVAL:
             self._flusher = threading.Thread(target=self._flush_loop, name="walstore-flush", daemon=True)
@@ -157,6 +162,11 @@ class LogWriter:
     @property
     def last_seq(self) -> int:
         return self._last_seq
+
+    @property
+    def commits(self) -> int:
+        """Commits since open (each takes exactly one sequence number)."""
+        return self._last_seq - self._open_seq
 
     @property
     def durable_seq(self) -> int:
@@ -192,6 +202,14 @@ class LogWriter:
             self._sync_done = threading.Event()
             self._event_taken = False
             event.set()
+
+    def _attach(self, seg: ActiveSegment) -> None:
+        """Start writing to `seg` (maps it for lazy-mode writes where possible)."""
+        map_for_writes(self._fs, seg, self._opts.preallocate)
+
+    def _detach(self, seg: ActiveSegment) -> None:
+        """Stop writing to `seg` (before it is truncated or closed)."""
+        seg.unmap()
 
     def _poison_with(self, exc: BaseException) -> None:
         if self._poison is None:
@@ -308,7 +326,6 @@ class LogWriter:
             self._maybe_prealloc()
         self._last_seq = seq
         self._written_seq = seq
-        self.commits += 1
         self.log_bytes += size
         try:
             if arg1 is None:
@@ -353,30 +370,36 @@ class LogWriter:
         try:
             self._fs.pwrite(seg.fd, frame, seg.offset)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                end = seg.offset + len(frame)
-                inside = min(end, seg.file_size) - seg.offset
-                if inside > 0:
-                    # Part of the frame may have landed in allocated space: zero it, so a
-                    # later CLOSE is not followed by a stray partial record.
-                    try:
-                        self._fs.pwrite(seg.fd, bytes(inside), seg.offset)
-                    except OSError:
-                        pass  # overwritten by the next record anyway
-                if end > seg.file_size:
-                    try:
-                        self._fs.ftruncate(seg.fd, max(seg.file_size, seg.offset))
-                    except OSError as exc2:
-                        self._poison_with(exc2)
-                        raise StorePoisonedError(f"could not undo a write on a full disk: {exc2}") from exc2
-                raise DiskFullError(
-                    exc.errno, f"disk full while writing to {seg.path}; the commit was not made"
-                ) from exc
-            self._poison_with(exc)
-            raise StorePoisonedError(f"write to {seg.path} failed: {exc}; the store refuses writes") from exc
+            self._write_failed(exc, len(frame))
         seg.offset += len(frame)
         if seg.offset > seg.file_size:
             seg.file_size = seg.offset
+
+    def _write_failed(self, exc: OSError, size: int) -> NoReturn:
+        """Raise for a failed write of `size` bytes at the segment's offset: DiskFullError
+        after undoing it (ENOSPC, EDQUOT), else StorePoisonedError after poisoning."""
+        seg = self._seg
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            end = seg.offset + size
+            inside = min(end, seg.file_size) - seg.offset
+            if inside > 0:
+                # Part of the frame may have landed in allocated space: zero it, so a
+                # later CLOSE is not followed by a stray partial record.
+                try:
+                    self._fs.pwrite(seg.fd, bytes(inside), seg.offset)
+                except OSError:
+                    pass  # overwritten by the next record anyway
+            if end > seg.file_size:
+                try:
+                    self._fs.ftruncate(seg.fd, max(seg.file_size, seg.offset))
+                except OSError as exc2:
+                    self._poison_with(exc2)
+                    raise StorePoisonedError(f"could not undo a write on a full disk: {exc2}") from exc2
+            raise DiskFullError(
+                exc.errno, f"disk full while writing to {seg.path}; the commit was not made"
+            ) from exc
+        self._poison_with(exc)
+        raise StorePoisonedError(f"write to {seg.path} failed: {exc}; the store refuses writes") from exc
 
     def _wait_durable(self, seq: int) -> None:
         """Block (lock held) until an fdatasync that began after `seq` was written has returned."""
@@ -440,6 +463,14 @@ class LogWriter:
         self.fsyncs += 1
         self._durable_seq = target
         self._wake()
+
+    def wait_durable(self, seq: int) -> None:
+        """(Lock not held.) Block until commit `seq` is on stable storage, sharing syncs."""
+        if self.durable_seq >= seq:
+            return
+        with self._mutex:
+            self._check_usable()
+        self._await_durable(seq)
 
     def sync(self) -> None:
         """Make every record written so far durable (group commit with any concurrent syncs)."""
@@ -530,7 +561,7 @@ class LogWriter:
                 ) from exc
             raise
         hit("roll.after_create")
-        old.unmap()
+        self._detach(old)
         try:
             self._fs.ftruncate(old.fd, old.offset)
             self._fs.fsync(old.fd)
@@ -540,7 +571,7 @@ class LogWriter:
         finally:
             self._fs.close(old.fd)
             self._seg = new
-            map_for_writes(self._fs, new, self._opts.preallocate)
+            self._attach(new)
         self.rolls += 1
         self._maybe_prealloc()
 
@@ -618,7 +649,7 @@ class LogWriter:
         if self._flusher is not None:
             self._flusher.join()
         self._take_prealloc()
-        self._seg.unmap()
+        self._detach(self._seg)
         self._fs.close(self._seg.fd)
 
     def abandon(self) -> None:
@@ -630,7 +661,7 @@ class LogWriter:
         if self._flusher is not None:
             self._flusher.join()
         self._take_prealloc()
-        self._seg.unmap()
+        self._detach(self._seg)
         try:
             self._fs.close(self._seg.fd)
         except OSError:

@@ -1,0 +1,396 @@
+/* logwrite: framing, writing and group commit of the log writer. See logwrite.h. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include "logwrite.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include "crc32c.h"
+#include "walstore_format.h"
+
+#define SCRATCH_MIN 4096
+
+struct ws_log {
+    pthread_mutex_t mu;
+    pthread_cond_t done[2]; /* waiters for sync generation g sleep on done[g & 1] */
+    pthread_cond_t cv;      /* pausers wait here for a running sync to end */
+    uint64_t written;       /* atomic: highest seq whose frame (and every earlier one) is written */
+    uint64_t durable;       /* atomic, stored under mu: highest seq on stable storage */
+    uint64_t fsyncs;        /* under mu */
+    uint64_t sync_gen;      /* under mu: syncs started */
+    uint64_t sync_target;   /* under mu: what the running sync covers */
+    int fd;                 /* under mu */
+    int syncing;            /* under mu: an fdatasync is running */
+    int paused;             /* under mu: pause depth */
+    int closed;             /* under mu */
+    int error;              /* atomic, stored under mu: errno of a failed sync, never cleared */
+    int inject_sync;        /* under mu, tests: errno the next fdatasync reports */
+    int inject_write;       /* appends only, tests: errno the next pwrite fails with */
+    uint64_t limit;         /* appends only (the caller serialises appends) */
+    uint8_t *map;           /* appends and set_segment only */
+    uint64_t map_size;
+    uint8_t *scratch;       /* appends only: frame assembly for pwrite */
+    size_t scratch_size;
+};
+
+/* (mu held) Wake every waiter: state changed for all of them. */
+static void wake_all(ws_log *log)
+{
+    pthread_cond_broadcast(&log->done[0]);
+    pthread_cond_broadcast(&log->done[1]);
+    pthread_cond_broadcast(&log->cv);
+}
+
+static inline void put32(uint8_t *p, uint32_t v)
+{
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap32(v);
+#endif
+    memcpy(p, &v, 4);
+}
+
+static inline void put64(uint8_t *p, uint64_t v)
+{
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    memcpy(p, &v, 8);
+}
+
+ws_log *ws_log_new(uint64_t last_seq)
+{
+    ws_log *log = calloc(1, sizeof(*log));
+    if (log == NULL)
+        return NULL;
+    if (pthread_mutex_init(&log->mu, NULL) != 0) {
+        free(log);
+        return NULL;
+    }
+    if (pthread_cond_init(&log->cv, NULL) != 0 || pthread_cond_init(&log->done[0], NULL) != 0 ||
+        pthread_cond_init(&log->done[1], NULL) != 0) {
+        pthread_mutex_destroy(&log->mu);
+        free(log);
+        return NULL;
+    }
+    log->written = last_seq;
+    log->durable = last_seq;
+    log->fd = -1;
+    log->limit = UINT64_MAX;
+    return log;
+}
+
+static void unmap(ws_log *log)
+{
+    if (log->map != NULL) {
+        munmap(log->map, (size_t)log->map_size);
+        log->map = NULL;
+        log->map_size = 0;
+    }
+}
+
+void ws_log_free(ws_log *log)
+{
+    if (log == NULL)
+        return;
+    unmap(log);
+    free(log->scratch);
+    pthread_cond_destroy(&log->cv);
+    pthread_cond_destroy(&log->done[0]);
+    pthread_cond_destroy(&log->done[1]);
+    pthread_mutex_destroy(&log->mu);
+    free(log);
+}
+
+int ws_log_set_segment(ws_log *log, int fd, uint64_t map_size)
+{
+    int rc = 0;
+    unmap(log);
+    if (fd >= 0 && map_size > 0 && map_size <= (uint64_t)SIZE_MAX) {
+        void *m = mmap(NULL, (size_t)map_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (m == MAP_FAILED) {
+            rc = -errno;
+        } else {
+            log->map = m;
+            log->map_size = map_size;
+        }
+    }
+    pthread_mutex_lock(&log->mu);
+    log->fd = fd;
+    wake_all(log);
+    pthread_mutex_unlock(&log->mu);
+    return rc;
+}
+
+void ws_log_set_limit(ws_log *log, uint64_t limit)
+{
+    log->limit = limit;
+}
+
+/* Room for `size` bytes of frame assembly; NULL if out of memory. */
+static uint8_t *scratch(ws_log *log, size_t size)
+{
+    if (size > log->scratch_size) {
+        size_t want = size < SCRATCH_MIN ? SCRATCH_MIN : size;
+        uint8_t *p = realloc(log->scratch, want);
+        if (p == NULL)
+            return NULL;
+        log->scratch = p;
+        log->scratch_size = want;
+    }
+    return log->scratch;
+}
+
+static int pwrite_all(ws_log *log, const uint8_t *buf, size_t size, uint64_t offset)
+{
+    size_t done = 0;
+    int fd = log->fd;
+    if (log->inject_write) {
+        int e = log->inject_write;
+        log->inject_write = 0;
+        return -e;
+    }
+    while (done < size) {
+        ssize_t w = pwrite(fd, buf + done, size - done, (off_t)(offset + done));
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (w == 0)
+            return -EIO;
+        done += (size_t)w;
+    }
+    return 0;
+}
+
+/* Frame parts: header fields, then up to three payload pieces (op header, key, value). */
+struct piece {
+    const uint8_t *p;
+    size_t n;
+};
+
+static int64_t append(ws_log *log, uint64_t seq, uint64_t offset, uint32_t type, const struct piece *pieces,
+                      int npieces, int lazy)
+{
+    size_t n = 0;
+    for (int i = 0; i < npieces; i++) {
+        if (pieces[i].n > WS_MAX_PAYLOAD - n)
+            return WS_LOG_TOO_BIG;
+        n += pieces[i].n;
+    }
+    size_t frame = WS_FRAME_HEADER_SIZE + (size_t)WS_PADDED(n);
+    if (__atomic_load_n(&log->error, __ATOMIC_ACQUIRE) != 0)
+        return WS_LOG_FAILED;
+    if (offset > log->limit || frame > log->limit - offset)
+        return WS_LOG_NO_ROOM;
+    int direct = lazy && log->map != NULL && offset <= log->map_size && frame <= log->map_size - offset;
+    uint8_t *f = direct ? log->map + offset : scratch(log, frame);
+    if (f == NULL)
+        return -ENOMEM;
+    uint64_t durable = __atomic_load_n(&log->durable, __ATOMIC_ACQUIRE);
+    put32(f + 4, (uint32_t)n);
+    f[8] = (uint8_t)type;
+    f[9] = 0;
+    memset(f + 10, 0, 6);
+    put64(f + 16, seq);
+    put64(f + 24, durable);
+    size_t at = WS_FRAME_HEADER_SIZE;
+    for (int i = 0; i < npieces; i++) {
+        if (pieces[i].n) {
+            memcpy(f + at, pieces[i].p, pieces[i].n);
+            at += pieces[i].n;
+        }
+    }
+    if (at < frame)
+        memset(f + at, 0, frame - at);
+    put32(f, ws_crc32c(0, f + 4, frame - 4));
+    if (!direct) {
+        int rc = pwrite_all(log, f, frame, offset);
+        if (rc < 0)
+            return rc;
+    }
+    __atomic_store_n(&log->written, seq, __ATOMIC_RELEASE);
+    return (int64_t)frame;
+}
+
+int64_t ws_log_append(ws_log *log, uint64_t seq, uint64_t offset, uint32_t type, const uint8_t *payload,
+                      size_t size, int lazy)
+{
+    struct piece p = {payload, size};
+    return append(log, seq, offset, type, &p, 1, lazy);
+}
+
+int64_t ws_log_append_op(ws_log *log, uint64_t seq, uint64_t offset, uint32_t op_flags, const uint8_t *key,
+                         size_t key_size, const uint8_t *value, size_t value_size, int lazy)
+{
+    uint8_t oph[WS_OP_HEADER_SIZE];
+    if (key_size > UINT32_MAX || value_size > UINT32_MAX)
+        return WS_LOG_TOO_BIG;
+    oph[0] = (uint8_t)(op_flags & 0xff);
+    oph[1] = (uint8_t)((op_flags >> 8) & 0xff);
+    oph[2] = 0;
+    oph[3] = 0;
+    put32(oph + 4, (uint32_t)key_size);
+    put32(oph + 8, (uint32_t)value_size);
+    struct piece p[3] = {{oph, sizeof(oph)}, {key, key_size}, {value, value_size}};
+    return append(log, seq, offset, WS_REC_COMMIT, p, 3, lazy);
+}
+
+static int data_sync(int fd)
+{
+#if defined(__APPLE__) && defined(F_FULLFSYNC)
+    return fcntl(fd, F_FULLFSYNC);
+#else
+    return fdatasync(fd);
+#endif
+}
+
+int ws_log_wait(ws_log *log, uint64_t seq)
+{
+    int rc;
+    if (__atomic_load_n(&log->durable, __ATOMIC_ACQUIRE) >= seq)
+        return 0;
+    pthread_mutex_lock(&log->mu);
+    for (;;) {
+        if (log->durable >= seq) {
+            rc = 0;
+            break;
+        }
+        if (log->error) {
+            rc = -log->error;
+            break;
+        }
+        if (log->closed) {
+            rc = WS_LOG_CLOSED;
+            break;
+        }
+        if (log->syncing && seq <= log->sync_target) {
+            /* The running sync covers seq: sleep until it ends. */
+            pthread_cond_wait(&log->done[log->sync_gen & 1], &log->mu);
+            continue;
+        }
+        if (log->syncing || log->paused || log->fd < 0) {
+            /* Needs the next sync: its committers sleep apart, and one is woken to lead it. */
+            pthread_cond_wait(&log->done[(log->sync_gen + 1) & 1], &log->mu);
+            continue;
+        }
+        /* Lead: one fdatasync for everything published so far. */
+        log->syncing = 1;
+        uint64_t gen = ++log->sync_gen;
+        uint64_t target = __atomic_load_n(&log->written, __ATOMIC_ACQUIRE);
+        log->sync_target = target;
+        int fd = log->fd;
+        int injected = log->inject_sync;
+        log->inject_sync = 0;
+        pthread_mutex_unlock(&log->mu);
+        int r = data_sync(fd);
+        int e = r == 0 ? 0 : errno;
+        if (injected)
+            e = injected; /* the sync ran: like a real failure, the data may or may not be there */
+        pthread_mutex_lock(&log->mu);
+        log->syncing = 0;
+        if (e != 0) {
+            if (log->error == 0)
+                __atomic_store_n(&log->error, e, __ATOMIC_RELEASE);
+            wake_all(log);
+        } else {
+            log->fsyncs++;
+            if (target > log->durable)
+                __atomic_store_n(&log->durable, target, __ATOMIC_RELEASE);
+            pthread_cond_broadcast(&log->done[gen & 1]);
+            pthread_cond_signal(&log->done[(gen + 1) & 1]);
+            pthread_cond_broadcast(&log->cv);
+        }
+    }
+    pthread_mutex_unlock(&log->mu);
+    return rc;
+}
+
+void ws_log_pause(ws_log *log)
+{
+    pthread_mutex_lock(&log->mu);
+    log->paused++;
+    while (log->syncing)
+        pthread_cond_wait(&log->cv, &log->mu);
+    pthread_mutex_unlock(&log->mu);
+}
+
+void ws_log_resume(ws_log *log)
+{
+    pthread_mutex_lock(&log->mu);
+    if (log->paused > 0)
+        log->paused--;
+    wake_all(log);
+    pthread_mutex_unlock(&log->mu);
+}
+
+void ws_log_publish(ws_log *log, uint64_t seq)
+{
+    uint64_t cur = __atomic_load_n(&log->written, __ATOMIC_RELAXED);
+    while (cur < seq && !__atomic_compare_exchange_n(&log->written, &cur, seq, 1, __ATOMIC_RELEASE, __ATOMIC_RELAXED))
+        ;
+}
+
+void ws_log_mark_durable(ws_log *log, uint64_t seq)
+{
+    pthread_mutex_lock(&log->mu);
+    if (seq > log->durable)
+        __atomic_store_n(&log->durable, seq, __ATOMIC_RELEASE);
+    wake_all(log);
+    pthread_mutex_unlock(&log->mu);
+}
+
+void ws_log_fail(ws_log *log, int err)
+{
+    pthread_mutex_lock(&log->mu);
+    if (err > 0) {
+        if (log->error == 0)
+            __atomic_store_n(&log->error, err, __ATOMIC_RELEASE);
+    } else {
+        log->closed = 1;
+    }
+    wake_all(log);
+    pthread_mutex_unlock(&log->mu);
+}
+
+void ws_log_inject(ws_log *log, int sync_errno, int write_errno)
+{
+    pthread_mutex_lock(&log->mu);
+    log->inject_sync = sync_errno;
+    log->inject_write = write_errno;
+    pthread_mutex_unlock(&log->mu);
+}
+
+uint64_t ws_log_durable(ws_log *log)
+{
+    return __atomic_load_n(&log->durable, __ATOMIC_ACQUIRE);
+}
+
+uint64_t ws_log_written(ws_log *log)
+{
+    return __atomic_load_n(&log->written, __ATOMIC_ACQUIRE);
+}
+
+uint64_t ws_log_fsyncs(ws_log *log)
+{
+    pthread_mutex_lock(&log->mu);
+    uint64_t n = log->fsyncs;
+    pthread_mutex_unlock(&log->mu);
+    return n;
+}
+
+int ws_log_error(ws_log *log)
+{
+    pthread_mutex_lock(&log->mu);
+    int e = log->error;
+    pthread_mutex_unlock(&log->mu);
+    return e;
+}

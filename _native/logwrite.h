@@ -1,0 +1,77 @@
+/* logwrite: the log writer's hot path in C, called without the GIL.
+ *
+ * walstore/nativelog.py drives it; walstore/writer.py is the pure-Python
+ * reference, record for record the same bytes. What lives here:
+ *
+ *  - framing: ws_log_append / ws_log_append_op build one COMMIT frame (the
+ *    header of docs/FORMAT.md, hardware CRC32C, zero padding) and write it at
+ *    the given offset, copied into a shared map of the pre-written segment
+ *    (lazy modes) or by pwrite (sync mode); only then is its sequence number
+ *    published as written.
+ *  - group commit: ws_log_wait(seq) returns once an fdatasync that began after
+ *    `seq` was published has returned. Whoever finds no sync running leads one
+ *    covering everything published so far; the others sleep on a condition
+ *    variable, so a waiter never needs the GIL to take the next turn.
+ *  - poisoning: a failed fdatasync is recorded and never retried; every waiter
+ *    not yet covered, and every later wait, gets its errno.
+ *
+ * The caller (Python, holding the writer's lock) serialises appends and gives
+ * each its sequence number and offset; waits may run in any thread at once.
+ */
+#ifndef WALSTORE_LOGWRITE_H
+#define WALSTORE_LOGWRITE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* ws_log_append* results besides a frame size (> 0) and -errno */
+#define WS_LOG_NO_ROOM 0          /* the frame does not fit below the segment limit: roll */
+#define WS_LOG_TOO_BIG (-100000)  /* payload over WS_MAX_PAYLOAD */
+/* ws_log_wait result when the log was closed before covering the seq */
+#define WS_LOG_CLOSED (-100001)
+/* ws_log_append* result after an fdatasync failed: the log is poisoned, nothing written */
+#define WS_LOG_FAILED (-100002)
+
+typedef struct ws_log ws_log;
+
+ws_log *ws_log_new(uint64_t last_seq);
+void ws_log_free(ws_log *log);
+
+/* The segment written to from now on (-1: none) and its map of map_size
+ * pre-written bytes (0: no map). Call paused. 0, or -errno if the map failed
+ * (writes then use pwrite). */
+int ws_log_set_segment(ws_log *log, int fd, uint64_t map_size);
+/* Frames must end at or below `limit` bytes into the segment. */
+void ws_log_set_limit(ws_log *log, uint64_t limit);
+
+/* Frame size (> 0); else nothing is published: WS_LOG_NO_ROOM, WS_LOG_TOO_BIG, WS_LOG_FAILED, -errno. */
+int64_t ws_log_append(ws_log *log, uint64_t seq, uint64_t offset, uint32_t type, const uint8_t *payload,
+                      size_t size, int lazy);
+/* ws_log_append of a one-operation payload: op | flags << 8, key, value. */
+int64_t ws_log_append_op(ws_log *log, uint64_t seq, uint64_t offset, uint32_t op_flags, const uint8_t *key,
+                         size_t key_size, const uint8_t *value, size_t value_size, int lazy);
+
+/* 0 once `seq` is durable; -errno of a failed fdatasync; WS_LOG_CLOSED. */
+int ws_log_wait(ws_log *log, uint64_t seq);
+
+/* No new sync starts until resumed; returns once the running one has ended. Nests. */
+void ws_log_pause(ws_log *log);
+void ws_log_resume(ws_log *log);
+/* A record written by the caller itself (not through ws_log_append) is published;
+ * publishing only ever raises the written seq. */
+void ws_log_publish(ws_log *log, uint64_t seq);
+/* The caller synced everything up to `seq` itself (paused). */
+void ws_log_mark_durable(ws_log *log, uint64_t seq);
+/* Poison with errno `err` (> 0), or close (0): waiters not covered return. */
+void ws_log_fail(ws_log *log, int err);
+
+/* Fault injection for tests: the next fdatasync (after running) reports sync_errno,
+ * the next pwrite fails with write_errno without writing (0: no fault). */
+void ws_log_inject(ws_log *log, int sync_errno, int write_errno);
+
+uint64_t ws_log_durable(ws_log *log);
+uint64_t ws_log_written(ws_log *log);
+uint64_t ws_log_fsyncs(ws_log *log);
+int ws_log_error(ws_log *log);
+
+#endif /* WALSTORE_LOGWRITE_H */
