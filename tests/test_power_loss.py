@@ -133,9 +133,12 @@ def mounted(request: Any, tmp_path: Any) -> Iterator[Mount]:
 class Writer:
     """The writer subprocess and a thread reading its acknowledgements."""
 
-    def __init__(self, path: str, seed: int, cycle: int, log: str) -> None:
+    def __init__(
+        self, path: str, seed: int, cycle: int, log: str, durability: str = "sync", sync_every: int = 0
+    ) -> None:
         argv = [sys.executable, cc.CRASHCHECK, "writer", "--dir", path, "--seed", str(seed)]
-        argv += ["--cycle", str(cycle), "--segment-size", str(SEG), "--durability", "sync"]
+        argv += ["--cycle", str(cycle), "--segment-size", str(SEG), "--durability", durability]
+        argv += ["--sync-every", str(sync_every)]
         self.stderr = open(log, "wb")  # noqa: SIM115 - closed in finish()
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.stderr, env=cc.backend_env("c"))
         self.lines: list[str] = []
@@ -163,7 +166,21 @@ class Writer:
 
 
 def test_power_loss_cycles(mounted: Mount, tmp_path: Any, monkeypatch: Any) -> None:
-    seed = cc.base_seed(14014) + (0 if mounted.kind == "xfs" else 1)
+    """Sync mode: every acknowledged commit survives."""
+    _power_cycles(mounted, tmp_path, monkeypatch, "sync", _cycles(mounted.kind), cc.base_seed(14014))
+
+
+def test_power_loss_cycles_lazy(mounted: Mount, tmp_path: Any, monkeypatch: Any) -> None:
+    """`none` mode (records copied into a map of the segment, sync() every 7 commits):
+    every commit before a returned sync() survives, and the state is a prefix."""
+    cycles = max(8, _cycles(mounted.kind) // 4)
+    _power_cycles(mounted, tmp_path, monkeypatch, "none", cycles, cc.base_seed(15015), sync_every=7)
+
+
+def _power_cycles(
+    mounted: Mount, tmp_path: Any, monkeypatch: Any, durability: str, cycles: int, seed0: int, sync_every: int = 0
+) -> None:
+    seed = seed0 + (0 if mounted.kind == "xfs" else 1)
     rng = random.Random(seed)
     native = cc.native_module()
     built = native is not None and getattr(native, "BUILT", False)
@@ -172,11 +189,10 @@ def test_power_loss_cycles(mounted: Mount, tmp_path: Any, monkeypatch: Any) -> N
     backends = ["python", "c"] if built else ["python"]
     path = os.path.join(mounted.point, "db")
     state: dict[cc.Key, Any] = {}
-    cycles = _cycles(mounted.kind)
-    lost_in_flight = torn = total_acked = 0
+    lost_in_flight = torn = total_acked = total_must = 0
     for cycle in range(1, cycles + 1):
         log = str(tmp_path / f"writer-{cycle}.log")
-        w = Writer(path, seed, cycle, log)
+        w = Writer(path, seed, cycle, log, durability, sync_every)
         try:
             assert w.opened.wait(60), "the writer did not open the store"
             if w.proc.poll() is not None:
@@ -190,6 +206,10 @@ def test_power_loss_cycles(mounted: Mount, tmp_path: Any, monkeypatch: Any) -> N
         attempted = [int(x.split()[1]) for x in w.lines if x.startswith("T ")]
         acked = [int(x.split()[1]) for x in w.lines if x.startswith("A ")]
         assert acked == attempted[: len(acked)] and len(attempted) - len(acked) <= 1
+        synced = [int(x.split()[1]) for x in w.lines if x.startswith("S ")]
+        # What must survive: every acknowledged commit in sync mode; in a lazy mode,
+        # every commit up to the last sync() that returned.
+        must = len(acked) if durability == "sync" else (attempted.index(synced[-1]) + 1 if synced else 0)
         commits = cc.writer_commits(seed, cycle, len(attempted))
         states = [dict(state)]
         for c in commits:
@@ -212,21 +232,23 @@ def test_power_loss_cycles(mounted: Mount, tmp_path: Any, monkeypatch: Any) -> N
                 info = db.recovery
             finally:
                 db.close()
-        match = [k for k in range(len(acked), len(attempted) + 1) if states[k] == got]
+        match = [k for k in range(must, len(attempted) + 1) if states[k] == got]
         assert match, (
-            f"{mounted.kind} cycle {cycle} (seed {seed}), recovered by {backend}: {len(acked)} commits"
-            f" acknowledged, {len(attempted)} attempted; the state is none of those prefixes\n"
-            f"{cc.diff_states(states[len(acked)], got)}\nrecovery: {info}\nwriter log: {log}"
+            f"{mounted.kind} {durability} cycle {cycle} (seed {seed}), recovered by {backend}: {len(acked)}"
+            f" commits acknowledged, {must} must survive, {len(attempted)} attempted; the state is none of"
+            f" those prefixes\n{cc.diff_states(states[must], got)}\nrecovery: {info}\nwriter log: {log}"
         )
         if match[-1] < len(attempted):
             lost_in_flight += 1
         if info.torn_tail is not None:
             torn += 1
         total_acked += len(acked)
+        total_must += must
         state = got
     print(
-        f"power loss on {mounted.kind}: {cycles} cycles, {total_acked} acknowledged commits, all"
-        f" present; in-flight commit lost in {lost_in_flight} cycles, torn tail cut in {torn}"
+        f"power loss on {mounted.kind} ({durability}): {cycles} cycles, {total_acked} acknowledged commits,"
+        f" {total_must} of them promised durable, all present; a commit beyond the promise lost in"
+        f" {lost_in_flight} cycles, torn tail cut in {torn}"
     )
     assert total_acked > cycles, "the writer acknowledged almost nothing: the cycles tested little"
     if cycles >= 20:
