@@ -560,6 +560,16 @@ def test_progress_bar_only_on_a_terminal() -> None:
     shown.advance(1 << 19)
     line = shown.line()
     assert "scanning [" in line and "50.0%" in line and "ETA" in line
+    # Stages (walstore bench): the label changes and is drawn at once; estimated work
+    # units show no amount, and the count never passes the total.
+    out = io.StringIO()
+    staged = Progress(10.0, stream=out, enabled=True, show_amount=False)
+    staged.begin("raw fdatasync")
+    staged.advance(25.0)
+    assert "raw fdatasync [" in out.getvalue()
+    assert "100.0%" in staged.line() and "/s" not in staged.line()
+    staged.close()
+    assert out.getvalue().endswith("\r\x1b[K")
 
 
 def test_snapshots_are_shown_checked_and_a_rejected_one_is_quarantined(tmp_path: Path) -> None:

@@ -40,9 +40,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, Optional, Protocol, TextIO
+from typing import Any, Optional, Protocol
 
 from .fileapi import OSFileAPI
+from .progress import Progress
 
 SCHEMA_VERSION = 1
 ETCD_FDATASYNC_P99_MS = 10.0
@@ -447,50 +448,6 @@ def gather_context(directory: str) -> dict[str, Any]:
         lbs = _read_sys(os.path.join(d, "queue", "logical_block_size"))
         ctx["logical_block_size"] = int(lbs) if lbs and lbs.isdigit() else None
     return ctx
-
-
-# ---- progress ----------------------------------------------------------------------------------------
-
-
-class Progress:
-    """A one-line \\r progress bar with ETA on stderr; silent unless enabled (a tty)."""
-
-    def __init__(self, total: float, enabled: bool, stream: TextIO = sys.stderr) -> None:
-        self.total = max(total, 1e-9)
-        self.done = 0.0
-        self.enabled = enabled
-        self.stream = stream
-        self.start = time.monotonic()
-        self.label = ""
-        self._width = 0
-
-    def begin(self, label: str) -> None:
-        self.label = label
-        self._draw()
-
-    def advance(self, units: float) -> None:
-        self.done = min(self.total, self.done + units)
-        self._draw()
-
-    def _draw(self) -> None:
-        if not self.enabled:
-            return
-        frac = self.done / self.total
-        elapsed = time.monotonic() - self.start
-        eta = elapsed * (1 - frac) / frac if frac > 0.02 else self.total - self.done
-        bar = "#" * int(frac * 24)
-        m, s = divmod(int(eta + 0.5), 60)
-        line = f"\r[{bar:<24}] {frac * 100:3.0f}%  ETA {m}:{s:02d}  {self.label}"[:100]
-        pad = max(0, self._width - len(line))
-        self._width = len(line)
-        self.stream.write(line + " " * pad)
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled and self._width:
-            self.stream.write("\r" + " " * self._width + "\r")
-            self.stream.flush()
-            self._width = 0
 
 
 # ---- raw measurements --------------------------------------------------------------------------------
@@ -1658,6 +1615,7 @@ def run(args: argparse.Namespace) -> int:
         _plan(profile, walstore_ok, bool(args.compare_fio)),
         enabled=err.isatty() and not args.no_progress,
         stream=err,
+        show_amount=False,
     )
     restore = _term_to_interrupt()
     started = time.monotonic()

@@ -36,18 +36,21 @@ def _clock(seconds: float) -> str:
 class Progress:
     """Progress over `total` units (bytes by default) with rate and ETA.
 
-    Use as a context manager; call `advance(n)` as work is done. `enabled`
-    defaults to "the stream is a terminal".
+    Use as a context manager; call `advance(n)` as work is done, `begin(label)`
+    when a new stage starts. `enabled` defaults to "the stream is a terminal".
+    `show_amount=False` leaves out the done/total and rate part (for units that
+    only estimate the work, such as the benchmark's seconds).
     """
 
     def __init__(
         self,
-        total: int,
+        total: float,
         label: str = "",
         *,
         stream: Optional[TextIO] = None,
         enabled: Optional[bool] = None,
         unit_bytes: bool = True,
+        show_amount: bool = True,
         width: int = 28,
     ) -> None:
         self.total = max(0, total)
@@ -58,15 +61,16 @@ class Progress:
             enabled = bool(isatty and isatty())
         self.enabled = enabled
         self.unit_bytes = unit_bytes
+        self.show_amount = show_amount
         self.width = width
-        self.done = 0
+        self.done: float = 0
         self._start = time.monotonic()
         self._last_draw = 0.0
         self._drawn = False
 
-    def advance(self, n: int) -> None:
-        """Count `n` more units done; redraw if it is time."""
-        self.done += n
+    def advance(self, n: float) -> None:
+        """Count `n` more units done (never past the total); redraw if it is time."""
+        self.done = min(self.total, self.done + n) if self.total else self.done + n
         if not self.enabled:
             return
         now = time.monotonic()
@@ -78,6 +82,14 @@ class Progress:
     def set_label(self, label: str) -> None:
         self.label = label
 
+    def begin(self, label: str) -> None:
+        """A new stage: show `label` now."""
+        self.label = label
+        if self.enabled:
+            now = time.monotonic()
+            self._last_draw = now
+            self._draw(now)
+
     def line(self, now: Optional[float] = None) -> str:
         """The text of the bar as it would be drawn now."""
         now = time.monotonic() if now is None else now
@@ -86,13 +98,15 @@ class Progress:
         filled = int(frac * self.width)
         bar = "#" * filled + "-" * (self.width - filled)
         rate = self.done / elapsed
-        if self.unit_bytes:
-            amount = f"{_human_bytes(self.done)}/{_human_bytes(self.total)} {_human_bytes(rate)}/s"
+        if not self.show_amount:
+            amount = ""
+        elif self.unit_bytes:
+            amount = f" {_human_bytes(self.done)}/{_human_bytes(self.total)} {_human_bytes(rate)}/s"
         else:
-            amount = f"{self.done}/{self.total} {rate:.0f}/s"
+            amount = f" {self.done:.0f}/{self.total:.0f} {rate:.0f}/s"
         eta = (self.total - self.done) / rate if rate > 0 and self.done < self.total else 0.0
         label = f"{self.label} " if self.label else ""
-        return f"{label}[{bar}] {frac * 100:5.1f}% {amount} ETA {_clock(eta)}"
+        return f"{label}[{bar}] {frac * 100:5.1f}%{amount} ETA {_clock(eta)}"
 
     def _draw(self, now: float) -> None:
         text = self.line(now)
