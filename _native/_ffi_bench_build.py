@@ -7,7 +7,6 @@ the compiled module is put next to the Python sources, the rest of the build
 stays in a temporary directory.
 """
 
-import glob
 import os
 import shutil
 import tempfile
@@ -48,13 +47,11 @@ def make_ffi(native_dir: str = "_native") -> FFI:
 ffi = make_ffi()
 
 if __name__ == "__main__":
+    from _inplace import install
+
     tmp = tempfile.mkdtemp(prefix="walstore-bench-build-")
     try:
         built = make_ffi(HERE).compile(tmpdir=tmp, verbose=True)
-        for path in glob.glob(os.path.join(os.path.dirname(built), "_walstore_bench*.so")):
-            target = os.path.join(ROOT, "walstore", os.path.basename(path))
-            shutil.copy2(path, target + ".tmp")  # then rename: never overwrite a loaded .so in place
-            os.replace(target + ".tmp", target)
-            print("built", os.path.join("walstore", os.path.basename(path)))
+        print("built", os.path.relpath(install(built, os.path.join(ROOT, "walstore"), "_walstore_bench")))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

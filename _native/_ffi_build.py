@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 
 from cffi import FFI
 
@@ -122,14 +121,11 @@ def make_ffi(absolute: bool = False) -> FFI:
 ffi = make_ffi()
 
 if __name__ == "__main__":
-    # Build in place: walstore/_walstore_native.*.so next to the Python sources;
+    # Build in place: walstore/_walstore_native.abi3.so next to the Python sources;
     # the generated C and object files stay in build/native (gitignored).
+    from _inplace import install
+
     root = os.path.dirname(HERE)
     os.chdir(root)
     built = make_ffi(absolute=True).compile(tmpdir=os.path.join("build", "native"), verbose=True)
-    # Copy beside the target, then rename over it: overwriting a loaded .so in place crashes
-    # every running process that has it mapped (a concurrent test run, a running store).
-    target = os.path.join("walstore", os.path.basename(built))
-    shutil.copy(built, target + ".tmp")
-    os.replace(target + ".tmp", target)
-    print("built", os.path.join("walstore", os.path.basename(built)))
+    print("built", os.path.relpath(install(built, "walstore", "_walstore_native")))
