@@ -67,6 +67,35 @@ def test_same_bytes_as_the_reference_writer(tmp_path: Path, monkeypatch: Any, du
         assert a[:16] == b[:16] and a[32:60] == b[32:60] and a[64:] == b[64:]
 
 
+def test_state_machine_commits_take_the_c_path_with_the_same_bytes(tmp_path: Path, monkeypatch: Any) -> None:
+    from machines import PQ
+
+    from walstore import native
+
+    files = {}
+    for name, available in (("c", True), ("python", False)):
+        monkeypatch.setattr(native, "AVAILABLE", available)
+        path = tmp_path / name
+        with walstore.open_machine(path, PQ, segment_size=4096, auto_compact=False) as store:
+            assert isinstance(store._writer, nativelog.NativeLogWriter) == available
+            q = store.state
+            for i in range(200):
+                q.push(i % 7, f"item {i}")
+                if i % 3 == 0:
+                    q.pop()
+                if i % 40 == 0:
+                    with store.transaction() as tx:
+                        tx.call(PQ.push, 9, "in a transaction")
+                        tx.call(PQ.pop)
+            contents = q.contents()
+        files[name] = ([p.read_bytes() for p in segments(path)], contents)
+    (c_segs, c_contents), (py_segs, py_contents) = files["c"], files["python"]
+    assert c_contents == py_contents
+    assert len(c_segs) == len(py_segs) > 3
+    for a, b in zip(c_segs, py_segs):
+        assert a[:16] == b[:16] and a[32:60] == b[32:60] and a[64:] == b[64:]
+
+
 def _without_watermarks(seg: bytes) -> bytes:
     out = bytearray(seg)
     for off, _type, _seq in record_offsets_of(seg):

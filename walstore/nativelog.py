@@ -27,7 +27,7 @@ from . import failpoints as _fp
 from . import format as fmt
 from .errors import StoreClosedError, StorePoisonedError
 from .fileapi import OSFileAPI
-from .writer import SYNC, ActiveSegment, LogWriter, WriterOptions, mappable
+from .writer import INTERVAL, NONE, SYNC, ActiveSegment, LogWriter, WriterOptions, mappable
 
 try:
     from ._walstore_native import ffi as _ffi
@@ -53,6 +53,10 @@ def usable(fs: OSFileAPI) -> bool:
     from . import native
 
     return BUILT and native.AVAILABLE and type(fs) is OSFileAPI and os.name == "posix"
+
+
+_LAZY = {SYNC: 0, INTERVAL: 1, NONE: 1}
+"""Durability mode -> the C append's `lazy` flag (copy into the map, no wait)."""
 
 
 def _os_error(code: int) -> OSError:
@@ -128,14 +132,15 @@ class NativeLogWriter(LogWriter):
     # ---- commit ----------------------------------------------------------------
 
     def commit(self, payload: bytes, apply: Callable[[], None], durability: Optional[str] = None) -> int:
-        if durability is not None or _fp._armed:
+        lazy = self._lazy if durability is None else _LAZY.get(durability) if isinstance(durability, str) else None
+        if lazy is None or _fp._armed:  # an unknown mode is refused there; failpoints are hit there
             return super().commit(payload, apply, durability)
         with self._mutex:
             if self._closed or self._poison is not None:
                 self._check_usable()
             seg = self._seg
             seq = self._last_seq + 1
-            r = _append(self._log, seq, seg.offset, fmt.REC_COMMIT, payload, len(payload), self._lazy)
+            r = _append(self._log, seq, seg.offset, fmt.REC_COMMIT, payload, len(payload), lazy)
             if r > 0:
                 self._appended(seg, seq, r)
                 try:
@@ -146,7 +151,7 @@ class NativeLogWriter(LogWriter):
                 self._append_failed(r, len(payload))
         if r <= 0:  # no room (roll) or too big: the reference path, nothing was written
             return super().commit(payload, apply, durability)
-        if not self._lazy:
+        if not lazy:
             self._await_durable(seq)
         return seq
 
@@ -161,14 +166,15 @@ class NativeLogWriter(LogWriter):
         arg2: Any,
         durability: Optional[str] = None,
     ) -> int:
-        if durability is not None or _fp._armed:
+        lazy = self._lazy if durability is None else _LAZY.get(durability) if isinstance(durability, str) else None
+        if lazy is None or _fp._armed:
             return super().commit_op(op, flags, key, value, apply, arg1, arg2, durability)
         with self._mutex:
             if self._closed or self._poison is not None:
                 self._check_usable()
             seg = self._seg
             seq = self._last_seq + 1
-            r = _append_op(self._log, seq, seg.offset, op | flags << 8, key, len(key), value, len(value), self._lazy)
+            r = _append_op(self._log, seq, seg.offset, op | flags << 8, key, len(key), value, len(value), lazy)
             if r > 0:  # `_appended`, inlined: this is `db[key] = value`
                 seg.offset += r
                 self._last_seq = seq
@@ -183,7 +189,7 @@ class NativeLogWriter(LogWriter):
                 self._append_failed(r, fmt.OP_HEADER_SIZE + len(key) + len(value))
         if r <= 0:
             return super().commit_op(op, flags, key, value, apply, arg1, arg2, durability)
-        if not self._lazy:
+        if not lazy:
             self._await_durable(seq)
         return seq
 
