@@ -37,6 +37,7 @@ CDEF = (
 #define WS_LOG_TOO_BIG ...
 #define WS_LOG_CLOSED ...
 #define WS_LOG_FAILED ...
+#define WS_LOG_NOTIFY ...
 
 uint32_t ws_crc32c(uint32_t crc, const char *buf, size_t len);
 uint32_t ws_crc32c_table(uint32_t crc, const char *buf, size_t len);
@@ -77,10 +78,16 @@ ws_log *ws_log_new(uint64_t last_seq);
 void ws_log_free(ws_log *log);
 int ws_log_set_segment(ws_log *log, int fd, uint64_t map_size);
 void ws_log_set_limit(ws_log *log, uint64_t limit);
-int64_t ws_log_append(ws_log *log, uint64_t seq, uint64_t offset, uint32_t type, const uint8_t *payload,
-                      size_t size, int lazy);
-int64_t ws_log_append_op(ws_log *log, uint64_t seq, uint64_t offset, uint32_t op_flags, const uint8_t *key,
-                         size_t key_size, const uint8_t *value, size_t value_size, int lazy);
+int64_t ws_log_put(ws_log *log, uint32_t type, const uint8_t *payload, size_t size, int lazy);
+int64_t ws_log_put_op(ws_log *log, uint32_t op_flags, const uint8_t *key, size_t key_size, const uint8_t *value,
+                      size_t value_size, int lazy);
+uint64_t ws_log_last_seq(ws_log *log);
+void ws_log_set_last_seq(ws_log *log, uint64_t seq);
+uint64_t ws_log_offset(ws_log *log);
+void ws_log_set_offset(ws_log *log, uint64_t offset);
+uint64_t ws_log_log_bytes(ws_log *log);
+void ws_log_set_log_bytes(ws_log *log, uint64_t n);
+void ws_log_set_notify(ws_log *log, uint64_t offset, uint64_t log_bytes);
 int ws_log_wait(ws_log *log, uint64_t seq);
 void ws_log_pause(ws_log *log);
 void ws_log_resume(ws_log *log);

@@ -35,6 +35,11 @@ struct ws_log {
     int inject_sync;        /* under mu, tests: errno the next fdatasync reports */
     int inject_write;       /* appends only, tests: errno the next pwrite fails with */
     uint64_t limit;         /* appends only (the caller serialises appends) */
+    uint64_t last_seq;      /* appends only; relaxed atomic for readers: the last seq assigned */
+    uint64_t offset;        /* appends only; relaxed atomic: where the next frame goes */
+    uint64_t log_bytes;     /* appends only; relaxed atomic: frame bytes since the caller reset it */
+    uint64_t notify_offset; /* relaxed atomic: flag an append that ends at or past this offset */
+    uint64_t notify_bytes;  /* relaxed atomic: ... or brings log_bytes to this */
     uint8_t *map;           /* appends and set_segment only */
     uint64_t map_size;
     uint8_t *scratch;       /* appends only: frame assembly for pwrite */
@@ -82,6 +87,9 @@ ws_log *ws_log_new(uint64_t last_seq)
     }
     log->written = last_seq;
     log->durable = last_seq;
+    log->last_seq = last_seq;
+    log->notify_offset = UINT64_MAX;
+    log->notify_bytes = UINT64_MAX;
     log->fd = -1;
     log->limit = UINT64_MAX;
     return log;
@@ -221,15 +229,32 @@ static int64_t append(ws_log *log, uint64_t seq, uint64_t offset, uint32_t type,
     return (int64_t)frame;
 }
 
-int64_t ws_log_append(ws_log *log, uint64_t seq, uint64_t offset, uint32_t type, const uint8_t *payload,
-                      size_t size, int lazy)
+/* (appends serialised) Append at the log's own offset with the next seq; see logwrite.h. */
+static int64_t put(ws_log *log, uint32_t type, const struct piece *pieces, int npieces, int lazy)
 {
-    struct piece p = {payload, size};
-    return append(log, seq, offset, type, &p, 1, lazy);
+    uint64_t seq = log->last_seq + 1;
+    int64_t r = append(log, seq, log->offset, type, pieces, npieces, lazy);
+    if (r <= 0)
+        return r;
+    uint64_t offset = log->offset + (uint64_t)r;
+    uint64_t bytes = log->log_bytes + (uint64_t)r;
+    __atomic_store_n(&log->offset, offset, __ATOMIC_RELAXED);
+    __atomic_store_n(&log->log_bytes, bytes, __ATOMIC_RELAXED);
+    __atomic_store_n(&log->last_seq, seq, __ATOMIC_RELAXED);
+    if (offset >= __atomic_load_n(&log->notify_offset, __ATOMIC_RELAXED) ||
+        bytes >= __atomic_load_n(&log->notify_bytes, __ATOMIC_RELAXED))
+        return (int64_t)(seq | WS_LOG_NOTIFY);
+    return (int64_t)seq;
 }
 
-int64_t ws_log_append_op(ws_log *log, uint64_t seq, uint64_t offset, uint32_t op_flags, const uint8_t *key,
-                         size_t key_size, const uint8_t *value, size_t value_size, int lazy)
+int64_t ws_log_put(ws_log *log, uint32_t type, const uint8_t *payload, size_t size, int lazy)
+{
+    struct piece p = {payload, size};
+    return put(log, type, &p, 1, lazy);
+}
+
+int64_t ws_log_put_op(ws_log *log, uint32_t op_flags, const uint8_t *key, size_t key_size, const uint8_t *value,
+                      size_t value_size, int lazy)
 {
     uint8_t oph[WS_OP_HEADER_SIZE];
     if (key_size > UINT32_MAX || value_size > UINT32_MAX)
@@ -241,7 +266,43 @@ int64_t ws_log_append_op(ws_log *log, uint64_t seq, uint64_t offset, uint32_t op
     put32(oph + 4, (uint32_t)key_size);
     put32(oph + 8, (uint32_t)value_size);
     struct piece p[3] = {{oph, sizeof(oph)}, {key, key_size}, {value, value_size}};
-    return append(log, seq, offset, WS_REC_COMMIT, p, 3, lazy);
+    return put(log, WS_REC_COMMIT, p, 3, lazy);
+}
+
+uint64_t ws_log_last_seq(ws_log *log)
+{
+    return __atomic_load_n(&log->last_seq, __ATOMIC_RELAXED);
+}
+
+void ws_log_set_last_seq(ws_log *log, uint64_t seq)
+{
+    __atomic_store_n(&log->last_seq, seq, __ATOMIC_RELAXED);
+}
+
+uint64_t ws_log_offset(ws_log *log)
+{
+    return __atomic_load_n(&log->offset, __ATOMIC_RELAXED);
+}
+
+void ws_log_set_offset(ws_log *log, uint64_t offset)
+{
+    __atomic_store_n(&log->offset, offset, __ATOMIC_RELAXED);
+}
+
+uint64_t ws_log_log_bytes(ws_log *log)
+{
+    return __atomic_load_n(&log->log_bytes, __ATOMIC_RELAXED);
+}
+
+void ws_log_set_log_bytes(ws_log *log, uint64_t n)
+{
+    __atomic_store_n(&log->log_bytes, n, __ATOMIC_RELAXED);
+}
+
+void ws_log_set_notify(ws_log *log, uint64_t offset, uint64_t log_bytes)
+{
+    __atomic_store_n(&log->notify_offset, offset, __ATOMIC_RELAXED);
+    __atomic_store_n(&log->notify_bytes, log_bytes, __ATOMIC_RELAXED);
 }
 
 static int data_sync(int fd)

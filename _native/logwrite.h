@@ -3,11 +3,11 @@
  * walstore/nativelog.py drives it; walstore/writer.py is the pure-Python
  * reference, record for record the same bytes. What lives here:
  *
- *  - framing: ws_log_append / ws_log_append_op build one COMMIT frame (the
- *    header of docs/FORMAT.md, hardware CRC32C, zero padding) and write it at
- *    the given offset, copied into a shared map of the pre-written segment
- *    (lazy modes) or by pwrite (sync mode); only then is its sequence number
- *    published as written.
+ *  - framing: ws_log_put / ws_log_put_op build one COMMIT frame (the header
+ *    of docs/FORMAT.md, hardware CRC32C, zero padding) with the next sequence
+ *    number and write it at the log's offset, copied into a shared map of the
+ *    pre-written segment (lazy modes) or by pwrite (sync mode); only then is
+ *    its sequence number published as written.
  *  - group commit: ws_log_wait(seq) returns once an fdatasync that began after
  *    `seq` was published has returned. Whoever finds no sync running leads one
  *    covering everything published so far; the others sleep on a condition
@@ -15,8 +15,9 @@
  *  - poisoning: a failed fdatasync is recorded and never retried; every waiter
  *    not yet covered, and every later wait, gets its errno.
  *
- * The caller (Python, holding the writer's lock) serialises appends and gives
- * each its sequence number and offset; waits may run in any thread at once.
+ * The caller (Python, holding the writer's lock) serialises appends; the log
+ * keeps the position (last seq, offset) and the caller moves it for frames it
+ * writes itself. Waits may run in any thread at once.
  */
 #ifndef WALSTORE_LOGWRITE_H
 #define WALSTORE_LOGWRITE_H
@@ -24,13 +25,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* ws_log_append* results besides a frame size (> 0) and -errno */
+/* ws_log_put* results besides a seq (> 0) and -errno */
 #define WS_LOG_NO_ROOM 0          /* the frame does not fit below the segment limit: roll */
 #define WS_LOG_TOO_BIG (-100000)  /* payload over WS_MAX_PAYLOAD */
 /* ws_log_wait result when the log was closed before covering the seq */
 #define WS_LOG_CLOSED (-100001)
-/* ws_log_append* result after an fdatasync failed: the log is poisoned, nothing written */
+/* ws_log_put* result after an fdatasync failed: the log is poisoned, nothing written */
 #define WS_LOG_FAILED (-100002)
+/* or'ed into the seq ws_log_put* returns: a notify threshold was reached */
+#define WS_LOG_NOTIFY 4611686018427387904
 
 typedef struct ws_log ws_log;
 
@@ -44,12 +47,27 @@ int ws_log_set_segment(ws_log *log, int fd, uint64_t map_size);
 /* Frames must end at or below `limit` bytes into the segment. */
 void ws_log_set_limit(ws_log *log, uint64_t limit);
 
-/* Frame size (> 0); else nothing is published: WS_LOG_NO_ROOM, WS_LOG_TOO_BIG, WS_LOG_FAILED, -errno. */
-int64_t ws_log_append(ws_log *log, uint64_t seq, uint64_t offset, uint32_t type, const uint8_t *payload,
-                      size_t size, int lazy);
-/* ws_log_append of a one-operation payload: op | flags << 8, key, value. */
-int64_t ws_log_append_op(ws_log *log, uint64_t seq, uint64_t offset, uint32_t op_flags, const uint8_t *key,
-                         size_t key_size, const uint8_t *value, size_t value_size, int lazy);
+/* Append one COMMIT at the log's offset with the next sequence number (the caller
+ * serialises appends and dict updates under one lock). Returns the seq (> 0), with
+ * WS_LOG_NOTIFY or'ed in when the frame ends at or past the notify offset or brings
+ * log_bytes to the notify count; else nothing is written or published:
+ * WS_LOG_NO_ROOM, WS_LOG_TOO_BIG, WS_LOG_FAILED, -errno. `lazy`: copy into the map
+ * where it covers the frame (no syscall), else pwrite. */
+int64_t ws_log_put(ws_log *log, uint32_t type, const uint8_t *payload, size_t size, int lazy);
+/* ws_log_put of a one-operation payload: op | flags << 8, key, value. */
+int64_t ws_log_put_op(ws_log *log, uint32_t op_flags, const uint8_t *key, size_t key_size, const uint8_t *value,
+                      size_t value_size, int lazy);
+
+/* The position the log writes at (the caller moves it for frames it writes itself). */
+uint64_t ws_log_last_seq(ws_log *log);
+void ws_log_set_last_seq(ws_log *log, uint64_t seq);
+uint64_t ws_log_offset(ws_log *log);
+void ws_log_set_offset(ws_log *log, uint64_t offset);
+/* Frame bytes appended since the caller last set it (the compaction policy's measure). */
+uint64_t ws_log_log_bytes(ws_log *log);
+void ws_log_set_log_bytes(ws_log *log, uint64_t n);
+/* When ws_log_put flags WS_LOG_NOTIFY (UINT64_MAX: never). */
+void ws_log_set_notify(ws_log *log, uint64_t offset, uint64_t log_bytes);
 
 /* 0 once `seq` is durable; -errno of a failed fdatasync; WS_LOG_CLOSED. */
 int ws_log_wait(ws_log *log, uint64_t seq);

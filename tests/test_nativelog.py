@@ -259,3 +259,32 @@ def test_oversized_record_goes_to_its_own_segment(tmp_path: Path) -> None:
         db["after"] = b"z"
     with walstore.open(tmp_path / "s") as db:
         assert db["big"] == b"y" * 10000 and db["after"] == b"z"
+
+
+@pytest.mark.parametrize("durability", ["sync", "none"])
+def test_thresholds_reached_by_c_appends(tmp_path: Path, durability: str) -> None:
+    """C appends flag the commit that crosses half a segment (prepare the next one) and the
+    one that crosses the compaction threshold (start a compaction)."""
+    path = tmp_path / "s"
+    with walstore.open(path, durability=durability, segment_size=64 << 10, compact_min_bytes=200 << 10) as db:
+        assert isinstance(db._writer, nativelog.NativeLogWriter)
+        i = 0
+        while db._writer.segment.offset < (40 << 10):
+            db[f"k{i % 50}"] = b"v" * 100
+            i += 1
+        thread = db._writer._prealloc_thread
+        assert thread is not None or db._writer._prealloc_ready  # started at half the segment
+        if thread is not None:
+            thread.join()
+        assert (path / "prealloc.tmp").exists()
+        while db.stats()["compactions"] == 0 and i < 20000:
+            db[f"k{i % 50}"] = b"v" * 100
+            i += 1
+            t = db._compact_thread
+            if t is not None:
+                t.join()
+        assert db.stats()["compactions"] >= 1
+        assert db.stats()["segment_rolls"] >= 3
+        expected = db.to_dict()
+    with walstore.open(path) as db:
+        assert db.to_dict() == expected

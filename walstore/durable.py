@@ -37,7 +37,7 @@ class DurableStore:
         self._keep_snapshots = keep_snapshots
         self._compact_lock = threading.Lock()
         self._compact_thread: Optional[threading.Thread] = None
-        self._compact_at: float = float("inf")
+        self._compact_at_bytes = float("inf")
         self._snapshot_seq = 0
         self._snapshot_size = 0
         self.compactions = 0
@@ -47,11 +47,24 @@ class DurableStore:
         """After recovery: take the writer, and finish what an interrupted compaction left."""
         self._core = core
         self._writer = core.writer
+        self._writer.on_threshold = self._maybe_auto_compact
         self._snapshot_seq = core.snapshot_seq
         if self._snapshot_seq:
             self._snapshot_size = os.path.getsize(os.path.join(core.path, fmt.snapshot_name(self._snapshot_seq)))
             snapshot.remove_covered(core.fs, core.path, self._snapshot_seq, self._keep_snapshots)
         self._compact_at = self._compact_threshold()
+
+    @property
+    def _compact_at(self) -> float:
+        """Log bytes since the last snapshot past which a commit starts a compaction."""
+        return self._compact_at_bytes
+
+    @_compact_at.setter
+    def _compact_at(self, log_bytes: float) -> None:
+        self._compact_at_bytes = log_bytes
+        writer = getattr(self, "_writer", None)
+        if writer is not None:
+            writer.set_compact_at(log_bytes)
 
     # ---- identity and state ----------------------------------------------------
 

@@ -713,8 +713,6 @@ class MachineStore(DurableStore, Generic[S]):
     def _after_commit(self, seq: int, durability: Optional[str]) -> None:
         if (durability or self._durability) == SYNC:
             self._core.wait_durable(seq)
-        if self._writer.log_bytes > self._compact_at:
-            self._maybe_auto_compact()
 
     def transaction(self, *, durability: Optional[str] = None) -> MachineTransaction[S]:
         """Several operations as one commit: `with store.transaction() as tx: tx.call(Bank.deposit, ...)`."""

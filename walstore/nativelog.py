@@ -33,15 +33,17 @@ try:
     from ._walstore_native import ffi as _ffi
     from ._walstore_native import lib as _lib
 
-    BUILT = hasattr(_lib, "ws_log_append_op")
+    BUILT = hasattr(_lib, "ws_log_put_op")
 except ImportError:  # no compiler at install time
     _ffi = _lib = None
     BUILT = False
 
 if BUILT:
-    _append = _lib.ws_log_append
-    _append_op = _lib.ws_log_append_op
+    _put = _lib.ws_log_put
+    _put_op = _lib.ws_log_put_op
     _wait = _lib.ws_log_wait
+    _NOTIFY = _lib.WS_LOG_NOTIFY
+    _SEQ = _NOTIFY - 1
     _NO_ROOM = _lib.WS_LOG_NO_ROOM
     _TOO_BIG = _lib.WS_LOG_TOO_BIG
     _CLOSED = _lib.WS_LOG_CLOSED
@@ -57,6 +59,9 @@ def usable(fs: OSFileAPI) -> bool:
 
 _LAZY = {SYNC: 0, INTERVAL: 1, NONE: 1}
 """Durability mode -> the C append's `lazy` flag (copy into the map, no wait)."""
+
+
+_NO_LIMIT = (1 << 64) - 1
 
 
 def _os_error(code: int) -> OSError:
@@ -79,12 +84,40 @@ class NativeLogWriter(LogWriter):
         if log == _ffi.NULL:
             raise MemoryError("could not allocate the log writer")
         self._log = _ffi.gc(log, _lib.ws_log_free)
+        self._active = segment
         self._py_fsyncs = 0
         self._lazy = 0 if options.durability == SYNC else 1
         _lib.ws_log_set_limit(self._log, options.segment_size)
         super().__init__(fs, directory, store_id, segment, last_seq, options)
 
     # ---- state kept in C -------------------------------------------------------
+
+    @property
+    def _last_seq(self) -> int:
+        return int(_lib.ws_log_last_seq(self._log))
+
+    @_last_seq.setter
+    def _last_seq(self, seq: int) -> None:
+        _lib.ws_log_set_last_seq(self._log, seq)
+
+    @property
+    def log_bytes(self) -> int:
+        return int(_lib.ws_log_log_bytes(self._log))
+
+    @log_bytes.setter
+    def log_bytes(self, n: int) -> None:
+        _lib.ws_log_set_log_bytes(self._log, n)
+
+    @property
+    def _seg(self) -> ActiveSegment:
+        """The active segment, its offset read from C (where appends move it)."""
+        seg = self._active
+        seg.offset = int(_lib.ws_log_offset(self._log))
+        return seg
+
+    @_seg.setter
+    def _seg(self, seg: ActiveSegment) -> None:
+        self._active = seg  # `_attach` gives C its offset
 
     @property
     def _written_seq(self) -> int:
@@ -115,6 +148,33 @@ class NativeLogWriter(LogWriter):
     def _attach(self, seg: ActiveSegment) -> None:
         size = seg.file_size if mappable(self._fs, seg, self._opts.preallocate) else 0
         _lib.ws_log_set_segment(self._log, seg.fd, size)  # a failed map (< 0) means pwrite
+        _lib.ws_log_set_offset(self._log, seg.offset)
+        self._arm_notify()
+
+    def _arm_notify(self) -> None:
+        """Have C flag the commit that should start preparing the next segment, or cross `compact_at`."""
+        half = (self._seg_size + 1) // 2  # `_maybe_prealloc`'s offset * 2 >= segment size
+        prealloc = self._opts.preallocate and self._prealloc_thread is None and not self._prealloc_ready
+        at = self.compact_at
+        _lib.ws_log_set_notify(
+            self._log, half if prealloc else _NO_LIMIT, int(at) + 1 if at < _NO_LIMIT else _NO_LIMIT
+        )
+
+    def set_compact_at(self, log_bytes: float) -> None:
+        self.compact_at = log_bytes
+        self._arm_notify()
+
+    def _notified(self) -> None:
+        """(Lock not held.) A C append crossed a notify threshold."""
+        with self._mutex:
+            self._maybe_prealloc()
+            self._arm_notify()
+        if self.log_bytes > self.compact_at:
+            self._threshold_reached()
+
+    def _write(self, frame: bytes) -> None:
+        super()._write(frame)  # at, and moving, the offset `_seg` read from C
+        _lib.ws_log_set_offset(self._log, self._active.offset)
 
     def _detach(self, seg: ActiveSegment) -> None:
         _lib.ws_log_set_segment(self._log, -1, 0)
@@ -138,22 +198,15 @@ class NativeLogWriter(LogWriter):
         with self._mutex:
             if self._closed or self._poison is not None:
                 self._check_usable()
-            seg = self._seg
-            seq = self._last_seq + 1
-            r = _append(self._log, seq, seg.offset, fmt.REC_COMMIT, payload, len(payload), lazy)
+            r = _put(self._log, fmt.REC_COMMIT, payload, len(payload), lazy)
             if r > 0:
-                self._appended(seg, seq, r)
                 try:
                     apply()
                 except BaseException as exc:
-                    self._apply_failed(seq, exc)
+                    self._apply_failed(r & _SEQ, exc)
             elif r < _NO_ROOM and r != _TOO_BIG:
                 self._append_failed(r, len(payload))
-        if r <= 0:  # no room (roll) or too big: the reference path, nothing was written
-            return super().commit(payload, apply, durability)
-        if not lazy:
-            self._await_durable(seq)
-        return seq
+        return self._committed(r, lazy) if r > 0 else super().commit(payload, apply, durability)
 
     def commit_op(
         self,
@@ -172,33 +225,28 @@ class NativeLogWriter(LogWriter):
         with self._mutex:
             if self._closed or self._poison is not None:
                 self._check_usable()
-            seg = self._seg
-            seq = self._last_seq + 1
-            r = _append_op(self._log, seq, seg.offset, op | flags << 8, key, len(key), value, len(value), lazy)
-            if r > 0:  # `_appended`, inlined: this is `db[key] = value`
-                seg.offset += r
-                self._last_seq = seq
-                self.log_bytes += r
-                if self._prealloc_thread is None and seg.offset * 2 >= self._seg_size:
-                    self._maybe_prealloc()
+            r = _put_op(self._log, op | flags << 8, key, len(key), value, len(value), lazy)
+            if r > 0:
                 try:
                     apply(arg1, arg2)
                 except BaseException as exc:
-                    self._apply_failed(seq, exc)
+                    self._apply_failed(r & _SEQ, exc)
             elif r < _NO_ROOM and r != _TOO_BIG:
                 self._append_failed(r, fmt.OP_HEADER_SIZE + len(key) + len(value))
-        if r <= 0:
+        if r <= 0:  # no room (a roll) or too big: the reference path; nothing was written
             return super().commit_op(op, flags, key, value, apply, arg1, arg2, durability)
-        if not lazy:
-            self._await_durable(seq)
-        return seq
+        if r < _NOTIFY and lazy:  # `_committed`, inlined: this is `db[key] = value`
+            return r  # type: ignore[no-any-return]
+        return self._committed(r, lazy)
 
-    def _appended(self, seg: ActiveSegment, seq: int, size: int) -> None:
-        seg.offset += size
-        self._last_seq = seq
-        self.log_bytes += size
-        if self._prealloc_thread is None and seg.offset * 2 >= self._seg_size:
-            self._maybe_prealloc()
+    def _committed(self, r: int, lazy: int) -> int:
+        """(Lock not held.) After a C append returned `r` (a seq, maybe flagged): notify, wait."""
+        if r >= _NOTIFY:
+            r &= _SEQ
+            self._notified()
+        if not lazy:
+            self._await_durable(r)
+        return r
 
     def _apply_failed(self, seq: int, exc: BaseException) -> NoReturn:
         self._poison_with(exc)

@@ -182,10 +182,7 @@ class Store(DurableStore, MutableMapping[Key, Any]):
             vb, vf, kept = value.encode("utf-8"), _VSTR, value
         else:
             vb, vf, kept = self._value(value)
-        w = self._writer
-        w.commit_op(_PUT, kf | vf, kb, vb, self._set, key, kept, durability)
-        if w.log_bytes > self._compact_at:
-            self._maybe_auto_compact()
+        self._writer.commit_op(_PUT, kf | vf, kb, vb, self._set, key, kept, durability)
 
     __setitem__ = put  # db[key] = value: the hot path, without a second call
 
@@ -195,10 +192,7 @@ class Store(DurableStore, MutableMapping[Key, Any]):
         kb, kf = encode_key(key)
         if key not in self._data:
             return False
-        w = self._writer
-        w.commit_op(_DEL, kf, kb, b"", self._pop, key, None, durability)
-        if w.log_bytes > self._compact_at:
-            self._maybe_auto_compact()
+        self._writer.commit_op(_DEL, kf, kb, b"", self._pop, key, None, durability)
         return True
 
     # ---- compaction ------------------------------------------------------------
@@ -341,8 +335,6 @@ class Transaction(MutableMapping[Key, Any]):
         store = self._store
         store._core.check_open()
         store._writer.commit(payload, apply, self._durability)
-        if store._writer.log_bytes > store._compact_at:
-            store._maybe_auto_compact()
 
     def rollback(self) -> None:
         """Discard the changes."""

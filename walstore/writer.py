@@ -145,6 +145,9 @@ class LogWriter:
         self._open_seq = last_seq
         self.log_bytes = 0
         """Bytes of records written since open or since the last `seal_for_snapshot`."""
+        self.compact_at = float("inf")
+        """`on_threshold` is called (without the lock) after a commit leaves `log_bytes` above this."""
+        self.on_threshold: Optional[Callable[[], None]] = None
         self.fsyncs = 0
         self.rolls = 0
         self._prealloc_thread: Optional[threading.Thread] = None
@@ -237,6 +240,8 @@ class LogWriter:
             wait = self._append(_U32_PACK(_crc(body)) + body, seq, size, seg, apply, None, None, durability)
         if wait:
             self._await_durable(seq)
+        if self.log_bytes > self.compact_at:
+            self._threshold_reached()
         return seq
 
     def commit_op(
@@ -273,7 +278,17 @@ class LogWriter:
             wait = self._append(_U32_PACK(_crc(body)) + body, seq, size, seg, apply, arg1, arg2, durability)
         if wait:
             self._await_durable(seq)
+        if self.log_bytes > self.compact_at:
+            self._threshold_reached()
         return seq
+
+    def set_compact_at(self, log_bytes: float) -> None:
+        """Call `on_threshold` after commits that leave more than `log_bytes` since the last seal."""
+        self.compact_at = log_bytes
+
+    def _threshold_reached(self) -> None:
+        if self.on_threshold is not None:
+            self.on_threshold()
 
     def _reserve(self, size: int) -> ActiveSegment:
         """(Lock held.) Refuse if closed or poisoned; roll if the record does not fit."""
