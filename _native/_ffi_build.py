@@ -15,8 +15,8 @@ import shutil
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["crc32c.c", "scan.c", "kvreplay.c"]
-HEADERS = ["walstore_format.h", "crc32c.h", "scan.h", "kvreplay.h", "le.h"]
+SOURCES = ["crc32c.c", "scan.c", "kvreplay.c", "snapshot.c"]
+HEADERS = ["walstore_format.h", "crc32c.h", "scan.h", "kvreplay.h", "le.h", "snapshot.h"]
 EXTRA_COMPILE_ARGS = ["-O2", "-Wall", "-Wextra", "-std=gnu11"]
 
 _DEFINE = re.compile(r"^#define\s+(WS_\w+)\s+(0x[0-9A-Fa-f]+|\d+)u?\s*(?:/\*.*)?$")
@@ -68,6 +68,11 @@ int64_t ws_kv_export(const ws_kv *kv, uint8_t *blob, size_t blob_size, uint64_t 
 int64_t ws_kv_snapshot_chunk(const ws_kv *kv, uint64_t *cursor, uint64_t chunk_bytes, uint8_t *out,
                              size_t out_size, uint64_t *need);
 """
+    # _native/snapshot.h: snapshot records framed in C
+    + """
+int64_t ws_snapshot_frames(const ws_kv *kv, uint64_t *cursor, uint64_t chunk_bytes, uint64_t seq,
+                           uint8_t *out, size_t out_size, uint64_t *records, uint64_t *need);
+"""
 )
 
 
@@ -83,7 +88,7 @@ def make_ffi(absolute: bool = False) -> FFI:
     builder.cdef(CDEF)
     builder.set_source(
         "walstore._walstore_native",
-        '#include "walstore_format.h"\n#include "crc32c.h"\n#include "scan.h"\n#include "kvreplay.h"\n',
+        "".join(f'#include "{h}"\n' for h in ("walstore_format.h", "crc32c.h", "scan.h", "kvreplay.h", "snapshot.h")),
         sources=[_path(s) for s in SOURCES],
         include_dirs=[_path(".")],
         depends=[_path(h) for h in HEADERS],
