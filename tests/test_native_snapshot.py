@@ -555,3 +555,39 @@ def test_write_snapshot_falls_back_to_buffered_writes(native: Any, tmp_path: Pat
     assert info.timings["direct"] == 0.0
     data = Path(info.path).read_bytes()
     assert snapshot.check_snapshot(info.path, data, store_id)[1].end == len(data) == info.size
+
+
+class CountingFS(OSFileAPI):
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+        self.sizes.append(len(data))
+        return super().pwrite(fd, data, offset)
+
+
+@pytest.mark.parametrize("target", [0.0, 10.0])
+def test_direct_write_size_adapts_to_the_disk(
+    native: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: float
+) -> None:
+    """Writes that take longer than WRITE_TARGET_S shrink to WRITE_MIN; fast ones grow back
+    to BLOCK_BYTES. Either way the file is the same."""
+    monkeypatch.setattr(snapshot, "BLOCK_BYTES", 64 << 10)
+    monkeypatch.setattr(snapshot, "WRITE_MIN", 4096)
+    monkeypatch.setattr(snapshot, "WRITE_TARGET_S", target)
+    log = mixed_log()
+    r = native.KVReplayer()
+    r.apply_range(log, 0, len(log))
+    ops = len(r)
+    fs = CountingFS()
+    store_id = bytes(range(16))
+    info = snapshot.write_snapshot(fs, str(tmp_path), store_id, 7, snapshot.kv_source(r, 7, 1000), ops)
+    data = Path(info.path).read_bytes()
+    assert snapshot.check_snapshot(info.path, data, store_id)[1].end == len(data)
+    if not info.timings["direct"]:
+        pytest.skip("no O_DIRECT on this filesystem: the write size does not adapt")
+    body = fs.sizes[:-1]  # the last write is the padded tail
+    if target == 0.0:
+        assert body[0] == 64 << 10 and max(body[-3:]) == 4096
+    else:
+        assert max(body) == 64 << 10 and body.count(64 << 10) >= len(body) - 2
