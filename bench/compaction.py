@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  snapshot write {d['snapshot_bytes'] / 1e6:.1f} MB in {d['snapshot_seconds']:.3f} s"
           f" = {lat['snapshot_throughput_mb_s']:.0f} MB/s (whole compaction"
           f" {lat['compaction_throughput_mb_s']:.0f} MB/s); steps: "
-          + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in steps.items() if k not in ("total", "direct"))
+          + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in steps.items() if k not in ("total", "direct", "writes"))
+          + f", {steps.get('writes', 0):.0f} writes"
           + (", O_DIRECT" if steps.get("direct") else ", buffered writes"))
     print(f"  {disk['overwrites']} overwrites of {disk['keys']} keys: peak disk {disk['peak_disk_bytes'] / 1e6:.1f} MB"
           f" = {disk['peak_over_live']:.1f}x live data")

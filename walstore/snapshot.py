@@ -16,8 +16,10 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import queue
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
@@ -93,7 +95,8 @@ class SnapshotInfo:
     """Seconds per step of write_snapshot: "fill" (copying, framing and CRCs, summed over the
     blocks), "write" (pwrite calls), "sync" (write-behind fdatasyncs), "fsync", "rename",
     "dir_fsync", and "total" (from the call, the temp file's creation included, to the
-    directory fsync); "direct" is 1.0 when the writes used O_DIRECT, else 0.0."""
+    directory fsync); "direct" is 1.0 when the writes used O_DIRECT, else 0.0; "writes" counts
+    the pwrite calls of the records (not seconds)."""
 
 
 class FrameSource(Protocol):
@@ -175,6 +178,9 @@ writes). Each write then waits for the disk, so at most one block of the snapsho
 queued ahead of a concurrent commit's fdatasync; no dirty pages pile up for the final
 fsync; and no page-cache memory is taken (or first touched) for 128 MB of snapshot."""
 
+OVERLAP = True
+"""Fill the next block in a second thread while this one is written (double buffering)."""
+
 WRITE_TARGET_S = 0.001
 WRITE_MIN = 64 << 10
 """O_DIRECT writes are cut into pieces that each take about WRITE_TARGET_S at most (halved
@@ -220,47 +226,32 @@ def write_snapshot(
         source = PayloadFrames(payloads, seq, count_ops=ops is None)
     final = os.path.join(directory, fmt.snapshot_name(seq))
     tmp = final + fmt.TMP_SUFFIX
-    t: dict[str, float] = {"fill": 0.0, "write": 0.0, "sync": 0.0}
+    t: dict[str, float] = {"fill": 0.0, "write": 0.0, "sync": 0.0, "writes": 0.0}
     out = _Out(fs, tmp, t)
     try:
         try:
-            room = int(getattr(source, "record_room", 0))
-            size = _round_up(max(BLOCK_BYTES, room) + 2 * ALIGN, ALIGN)
-            buf = mmap.mmap(-1, size)  # page-aligned, as O_DIRECT wants
             header = fmt.FileHeader(fmt.KIND_SNAPSHOT, store_id, seq).encode()
-            buf[: len(header)] = header
-            pending = len(header)  # bytes in buf not yet written; buf[0] is at file offset out.offset
+            blocks = _Blocks(source, header, t)
             out.open()
-            while True:
-                t0 = time.perf_counter()
-                n = source.fill_into(buf, pending)
-                t["fill"] += time.perf_counter() - t0
-                if n < 0:  # one record longer than the room left: a larger buffer from now on
-                    size = _round_up(pending - n + room + ALIGN, ALIGN)
-                    bigger = mmap.mmap(-1, size)
-                    bigger[:pending] = buf[:pending]
-                    buf.close()
-                    buf = bigger
-                    continue
-                if n == 0:
-                    break
-                pending += n
-                pending = out.write(buf, pending)
+            produced = _produce(blocks, OVERLAP)
+            try:
+                for slot, aligned, pending, last in produced:  # noqa: B007 - the last one is used below
+                    if last:
+                        break
+                    out.write(blocks.bufs[slot], aligned)
+            finally:
+                produced.close()  # the fill thread has ended when this returns
             if ops is None:
                 ops = source.ops if isinstance(source, PayloadFrames) else 0
             records = source.records
         finally:
             source.close()
         end = fmt.encode_frame(fmt.REC_SNAPSHOT_END, seq, seq, fmt.SNAPSHOT_END_PAYLOAD.pack(records, ops))
-        if len(buf) - pending < len(end) + ALIGN:
-            bigger = mmap.mmap(-1, _round_up(pending + len(end) + ALIGN, ALIGN))
-            bigger[:pending] = buf[:pending]
-            buf.close()
-            buf = bigger
+        buf = blocks.take(slot, pending + len(end) + ALIGN)
         buf[pending : pending + len(end)] = end
         pending += len(end)
         size_on_disk = out.finish(buf, pending)
-        buf.close()
+        blocks.close()
         t0 = time.perf_counter()
         fs.fsync(out.fd)
         t1 = time.perf_counter()
@@ -288,6 +279,104 @@ def write_snapshot(
             raise DiskFullError(exc.errno, f"disk full writing snapshot {final}; nothing changed") from exc
         raise SnapshotError(f"writing snapshot {final} failed: {exc}; nothing changed") from exc
     return SnapshotInfo(final, seq, size_on_disk, records, ops, started, t)
+
+
+class _Blocks:
+    """Page-aligned buffers filled with whole records from a source; the unaligned tail of
+    each is carried to the front of the next, so every write but the last is aligned."""
+
+    def __init__(self, source: Any, header: bytes, t: dict[str, float]) -> None:
+        self.source = source
+        self.t = t
+        self.room = int(getattr(source, "record_room", 0))
+        self.size = _round_up(max(BLOCK_BYTES, self.room) + 2 * ALIGN, ALIGN)
+        self.bufs: list[mmap.mmap] = []
+        self.carry = header
+
+    def take(self, slot: int, need: int) -> mmap.mmap:
+        """Slot's buffer (made on first use), holding at least `need` bytes (keeping its content)."""
+        while len(self.bufs) <= slot:
+            self.bufs.append(mmap.mmap(-1, self.size))  # page-aligned, as O_DIRECT wants
+        buf = self.bufs[slot]
+        if len(buf) < need:
+            bigger = mmap.mmap(-1, _round_up(need, ALIGN))
+            bigger[: len(buf)] = buf
+            buf.close()
+            buf = self.bufs[slot] = bigger
+        return buf
+
+    def fill(self, slot: int) -> tuple[int, int, int, bool]:
+        """Fill slot's buffer: (slot, bytes to write now, bytes in it, last). The last one
+        holds everything left (no more records), to be written with the end record."""
+        buf = self.take(slot, 0)
+        pending = len(self.carry)
+        buf[:pending] = self.carry
+        while True:
+            t0 = time.perf_counter()
+            n = self.source.fill_into(buf, pending)
+            self.t["fill"] += time.perf_counter() - t0
+            if n >= 0:
+                break
+            buf = self.take(slot, pending - n + self.room + 2 * ALIGN)  # one record longer than a chunk
+        if n == 0:
+            self.carry = b""
+            return slot, 0, pending, True
+        pending += n
+        aligned = pending // ALIGN * ALIGN
+        self.carry = bytes(buf[aligned:pending])
+        return slot, aligned, pending, False
+
+    def close(self) -> None:
+        for buf in self.bufs:
+            buf.close()
+        self.bufs = []
+
+
+def _produce(blocks: _Blocks, overlap: bool) -> Generator[tuple[int, int, int, bool], None, None]:
+    """blocks.fill results in order; the caller writes each before asking for the next.
+
+    With `overlap`, a second thread fills the other of two slots (in C, without the GIL)
+    while the caller writes one: a slot is refilled only once the caller asked for the next
+    block, i.e. finished writing it. The fill thread has ended when this generator is closed.
+    """
+    if not overlap:
+        while True:
+            item = blocks.fill(0)
+            yield item
+            if item[3]:
+                return
+    free: queue.SimpleQueue[Optional[int]] = queue.SimpleQueue()
+    full: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    free.put(0)
+    free.put(1)
+
+    def run() -> None:
+        try:
+            while True:
+                slot = free.get()
+                if slot is None:
+                    return
+                item = blocks.fill(slot)
+                full.put(item)
+                if item[3]:
+                    return
+        except BaseException as exc:  # noqa: BLE001 - raised in the writing thread
+            full.put(exc)
+
+    thread = threading.Thread(target=run, name="walstore-snapshot-fill", daemon=True)
+    thread.start()
+    try:
+        while True:
+            got = full.get()
+            if isinstance(got, BaseException):
+                raise got
+            yield got
+            if got[3]:
+                return
+            free.put(got[0])
+    finally:
+        free.put(None)
+        thread.join()
 
 
 def _round_up(n: int, align: int) -> int:
@@ -344,12 +433,10 @@ class _Out:
             self.fd = self.fs.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             self.fs.pwrite(self.fd, data, self.offset)
 
-    def write(self, buf: mmap.mmap, pending: int) -> int:
-        """Write the whole aligned blocks of buf[:pending], move the rest to the front of buf,
-        sync if due; return the bytes left in buf."""
-        n = pending // ALIGN * ALIGN
+    def write(self, buf: mmap.mmap, n: int) -> None:
+        """Write buf[:n] (a multiple of ALIGN) at the end of the file; sync if due."""
         if n == 0:
-            return pending
+            return
         t0 = time.perf_counter()
         with memoryview(buf) as mv:
             done = 0
@@ -358,11 +445,9 @@ class _Out:
                 t = time.perf_counter()
                 self._pwrite(mv[done : done + piece])
                 self._adapt(piece, time.perf_counter() - t)
+                self.t["writes"] += 1
                 done += piece
                 self.offset += piece
-        left = pending - n
-        if left:
-            buf[:left] = buf[n:pending]
         t1 = time.perf_counter()
         self.t["write"] += t1 - t0
         if self.offset - self.synced >= self.sync_at:
@@ -372,7 +457,6 @@ class _Out:
             self.sync_at = int(min(SYNC_MAX, max(SYNC_MIN, rate * SYNC_TARGET_S)))
             self.synced = self.offset
             self.t["sync"] += dt
-        return left
 
     def finish(self, buf: mmap.mmap, pending: int) -> int:
         """Write the rest of buf[:pending] (padded with zeros to a block and cut back with
