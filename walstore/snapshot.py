@@ -9,6 +9,13 @@ Guarantees:
   SNAPSHOT_END record counts match; anything else is invalid as a whole.
 * A failed write (ENOSPC, EIO) removes the temporary file and changes
   nothing else.
+
+How it is written (none of this changes what is durable when): records are
+framed into page-aligned blocks (in C, without the GIL, for the C replayer;
+a second thread fills the next block while one is written), written with
+O_DIRECT where the filesystem takes it, in pieces that shrink on a slow disk,
+with a few write-behind fdatasyncs; the last block is zero-padded and the
+file cut back with ftruncate before the fsync.
 """
 
 from __future__ import annotations
