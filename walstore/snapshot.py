@@ -188,7 +188,7 @@ fsync; and no page-cache memory is taken (or first touched) for 128 MB of snapsh
 OVERLAP = True
 """Fill the next block in a second thread while this one is written (double buffering)."""
 
-WRITE_TARGET_S = 0.001
+WRITE_TARGET_S = 0.002
 WRITE_MIN = 64 << 10
 """O_DIRECT writes are cut into pieces that each take about WRITE_TARGET_S at most (halved
 down to WRITE_MIN while one takes longer, doubled back up to BLOCK_BYTES while one takes
