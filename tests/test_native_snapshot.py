@@ -545,7 +545,10 @@ class RefusesDirect(OSFileAPI):
 
 
 @pytest.mark.parametrize("at_open", [True, False])
-def test_write_snapshot_falls_back_to_buffered_writes(native: Any, tmp_path: Path, at_open: bool) -> None:
+def test_write_snapshot_falls_back_to_buffered_writes(
+    native: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at_open: bool
+) -> None:
+    monkeypatch.setattr(snapshot, "_direct_refused", False)  # restored after: other tests keep O_DIRECT
     log = mixed_log()
     r = native.KVReplayer()
     r.apply_range(log, 0, len(log))
@@ -591,3 +594,58 @@ def test_direct_write_size_adapts_to_the_disk(
         assert body[0] == 64 << 10 and max(body[-3:]) == 4096
     else:
         assert max(body) == 64 << 10
+
+
+class RefusesLaterDirectWrites(OSFileAPI):
+    """O_DIRECT accepted at open and for the first write, refused (EINVAL) after it."""
+
+    def __init__(self) -> None:
+        self.direct_fds: dict[int, int] = {}
+
+    def open(self, path: str, flags: int, mode: int = 0o644) -> int:
+        import os
+
+        fd = super().open(path, flags, mode)
+        if flags & getattr(os, "O_DIRECT", 0):
+            self.direct_fds[fd] = 0
+        return fd
+
+    def close(self, fd: int) -> None:
+        self.direct_fds.pop(fd, None)
+        super().close(fd)
+
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+        import errno
+
+        if fd in self.direct_fds:
+            self.direct_fds[fd] += 1
+            if self.direct_fds[fd] > 1:
+                raise OSError(errno.EINVAL, "O_DIRECT write refused")
+        return super().pwrite(fd, data, offset)
+
+
+def test_direct_refused_mid_snapshot_fails_it_and_the_next_is_buffered(
+    native: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(snapshot, "_direct_refused", False)
+    monkeypatch.setattr(snapshot, "BLOCK_BYTES", 0)
+    log = mixed_log()
+    store_id = bytes(range(16))
+    fs = RefusesLaterDirectWrites()
+    results = []
+    for _attempt in range(2):
+        r = native.KVReplayer()
+        r.apply_range(log, 0, len(log))
+        ops = len(r)
+        try:
+            info = snapshot.write_snapshot(fs, str(tmp_path), store_id, 5, snapshot.kv_source(r, 5, 1000), ops)
+        except walstore.SnapshotError:
+            results.append("failed")
+            assert list(tmp_path.iterdir()) == []
+            continue
+        results.append(info.timings["direct"])
+        data = Path(info.path).read_bytes()
+        assert snapshot.check_snapshot(info.path, data, store_id)[1].end == len(data)
+    if results[0] == 0.0:
+        pytest.skip("no O_DIRECT on this filesystem")
+    assert results == ["failed", 0.0]

@@ -205,6 +205,11 @@ SYNC_MIN..SYNC_MAX), so no single flush (and no commit's fdatasync queued behind
 long, and the final fsync has little left to do."""
 
 
+_direct_refused = False
+"""Set when an O_DIRECT write failed with EINVAL (a device with a larger block size, say):
+later snapshots in this process are written buffered."""
+
+
 def write_snapshot(
     fs: OSFileAPI,
     directory: str,
@@ -406,7 +411,7 @@ class _Out:
 
     def open(self) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        direct = getattr(os, "O_DIRECT", 0) if DIRECT else 0
+        direct = getattr(os, "O_DIRECT", 0) if DIRECT and not _direct_refused else 0
         if direct:
             try:
                 self.fd = self.fs.open(self.path, flags | direct, 0o644)
@@ -428,10 +433,14 @@ class _Out:
             self.piece *= 2
 
     def _pwrite(self, data: memoryview) -> None:
+        global _direct_refused
         try:
             self.fs.pwrite(self.fd, data, self.offset)
         except OSError as exc:
-            if not (self.direct and self.offset == 0 and exc.errno == errno.EINVAL):
+            if not (self.direct and exc.errno == errno.EINVAL):
+                raise
+            _direct_refused = True  # this process writes its next snapshots buffered
+            if self.offset != 0:  # records already handed out: this snapshot fails, the next one works
                 raise
             # O_DIRECT accepted at open but not for writes: start over, buffered.
             self.fs.close(self.fd)
