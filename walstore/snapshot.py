@@ -340,7 +340,10 @@ class _Blocks:
 
     def close(self) -> None:
         for buf in self.bufs:
-            buf.close()
+            try:
+                buf.close()
+            except BufferError:  # a file API kept a view of it: the collector frees it later
+                pass
         self.bufs = []
 
 
