@@ -225,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
             lat["snapshot_throughput_mb_s"] / lat["raw_throughput_mb_s"],
         "whole compaction / raw write+fsync throughput (no target)":
             lat["compaction_throughput_mb_s"] / lat["raw_throughput_mb_s"],
-        "peak disk / live data": disk["peak_over_live"],
     }
+    if not args.latency_only:
+        ratios["peak disk / live data"] = disk["peak_over_live"]
     out = {"backend": walstore.backend(), "latency": lat, "disk": disk, "ratios": ratios}
     if args.json:
         print(json.dumps(out, indent=2))
@@ -253,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in steps.items() if k not in ("total", "direct", "writes"))
           + f", {steps.get('writes', 0):.0f} writes"
           + (", O_DIRECT" if steps.get("direct") else ", buffered writes"))
-    print(f"  {disk['overwrites']} overwrites of {disk['keys']} keys: peak disk {disk['peak_disk_bytes'] / 1e6:.1f} MB"
-          f" = {disk['peak_over_live']:.1f}x live data")
+    if not args.latency_only:
+        print(f"  {disk['overwrites']} overwrites of {disk['keys']} keys:"
+              f" peak disk {disk['peak_disk_bytes'] / 1e6:.1f} MB = {disk['peak_over_live']:.1f}x live data")
     for r in disk["reopen"]:
         print(f"    after {r['writes']:>8} writes: reopen {r['reopen_ms']:.0f} ms, disk {r['disk_bytes'] / 1e6:.1f} MB")
     print()
