@@ -14,8 +14,8 @@ import re
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["crc32c.c", "scan.c", "kvreplay.c", "logwrite.c"]
-HEADERS = ["walstore_format.h", "crc32c.h", "scan.h", "kvreplay.h", "logwrite.h", "le.h"]
+SOURCES = ["crc32c.c", "scan.c", "kvreplay.c", "snapshot.c", "logwrite.c"]
+HEADERS = ["walstore_format.h", "crc32c.h", "scan.h", "kvreplay.h", "snapshot.h", "logwrite.h", "le.h"]
 EXTRA_COMPILE_ARGS = ["-O2", "-Wall", "-Wextra", "-std=gnu11"]
 
 _DEFINE = re.compile(r"^#define\s+(WS_\w+)\s+(0x[0-9A-Fa-f]+|\d+)u?\s*(?:/\*.*)?$")
@@ -100,6 +100,11 @@ uint64_t ws_log_written(ws_log *log);
 uint64_t ws_log_fsyncs(ws_log *log);
 int ws_log_error(ws_log *log);
 """
+    # _native/snapshot.h: snapshot records framed in C
+    + """
+int64_t ws_snapshot_frames(const ws_kv *kv, uint64_t *cursor, uint64_t chunk_bytes, uint64_t seq,
+                           uint8_t *out, size_t out_size, uint64_t *records, uint64_t *need);
+"""
 )
 
 
@@ -115,7 +120,7 @@ def make_ffi(absolute: bool = False) -> FFI:
     builder.cdef(CDEF)
     builder.set_source(
         "walstore._walstore_native",
-        "".join(f'#include "{h}"\n' for h in ("walstore_format.h", "crc32c.h", "scan.h", "kvreplay.h", "logwrite.h")),
+        "".join(f'#include "{h}"\n' for h in HEADERS if h != "le.h"),
         sources=[_path(s) for s in SOURCES],
         include_dirs=[_path(".")],
         depends=[_path(h) for h in HEADERS],

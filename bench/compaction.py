@@ -7,7 +7,13 @@
    against the same writer with no compaction: p99 (target at most 2x) and
    the longest commit (target: no stall over 50 ms).
 2. Snapshot write throughput against a raw sequential write + fsync of the
-   same number of bytes on the same disk (target: at least half).
+   same number of bytes on the same disk (target: at least half). The
+   snapshot write is write_snapshot: from the captured state (the replay
+   table) to the snapshot durable (framing, CRCs, writes, fsync, rename,
+   directory fsync). The capture before it (sealing the log and replaying it
+   in C) and the whole compaction's time and throughput are printed too.
+   The disk's state is printed from a raw pwrite+fdatasync loop before and
+   after (this virtual disk alternates between a slow and a fast state).
 3. Disk use and reopen time under a workload that overwrites 10,000 keys
    --overwrites times (default 1,000,000) with automatic compaction on:
    the peak disk use as a multiple of the live data, and reopen time at
@@ -70,7 +76,7 @@ def writer_latencies(db: walstore.Store, stop: threading.Event) -> list[float]:
 def latency_under_compaction(work: str, keys: int, baseline_s: float) -> dict[str, Any]:
     path = os.path.join(work, "latency")
     build_store(path, keys)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"raw_fdatasync_before_ms": raw_fdatasync_ms(work)}
     with walstore.open(path, auto_compact=False) as db:
         for phase in ("without", "during"):
             stop = threading.Event()
@@ -81,8 +87,20 @@ def latency_under_compaction(work: str, keys: int, baseline_s: float) -> dict[st
             if phase == "during":
                 start = time.perf_counter()
                 info = db.compact()
-                snap = {"snapshot_seconds": time.perf_counter() - start,
-                        "snapshot_bytes": info.size if info else 0}
+                end = time.perf_counter()
+                assert info is not None
+                write_s = info.timings["total"]
+                snap = {
+                    "compaction_seconds": end - start,
+                    # seal + rebuilding the state from the sealed log (up to write_snapshot's start)
+                    "capture_seconds": info.started - start,
+                    # write_snapshot: temp file created .. directory fsynced after the rename
+                    "snapshot_seconds": write_s,
+                    # unlinking the covered segments and the directory fsync after it
+                    "cleanup_seconds": end - info.started - write_s,
+                    "snapshot_steps": info.timings,
+                    "snapshot_bytes": info.size,
+                }
             else:
                 time.sleep(baseline_s)
             stop.set()
@@ -96,10 +114,15 @@ def latency_under_compaction(work: str, keys: int, baseline_s: float) -> dict[st
                 **snap,
             }
     # The disk's speed swings between seconds here: take the median of three raw runs.
-    raw = sorted(raw_write_fsync(work, out["during"]["snapshot_bytes"]) for _ in range(3))[1]
+    raws = [raw_write_fsync(work, out["during"]["snapshot_bytes"]) for _ in range(3)]
+    raw = sorted(raws)[1]
+    nbytes = out["during"]["snapshot_bytes"]
     out["raw_write_fsync_seconds"] = raw
-    out["snapshot_throughput_mb_s"] = out["during"]["snapshot_bytes"] / out["during"]["snapshot_seconds"] / 1e6
-    out["raw_throughput_mb_s"] = out["during"]["snapshot_bytes"] / raw / 1e6
+    out["raw_write_fsync_runs"] = raws
+    out["raw_fdatasync_after_ms"] = raw_fdatasync_ms(work)
+    out["snapshot_throughput_mb_s"] = nbytes / out["during"]["snapshot_seconds"] / 1e6
+    out["compaction_throughput_mb_s"] = nbytes / out["during"]["compaction_seconds"] / 1e6
+    out["raw_throughput_mb_s"] = nbytes / raw / 1e6
     shutil.rmtree(path)
     return out
 
@@ -122,6 +145,26 @@ def raw_write_fsync(work: str, nbytes: int) -> float:
     elapsed = time.perf_counter() - start
     os.unlink(path)
     return elapsed
+
+
+def raw_fdatasync_ms(work: str, n: int = 300) -> dict[str, float]:
+    """p50 and p99 of pwrite(160 bytes) + fdatasync into a pre-written file: the disk's state now."""
+    path = os.path.join(work, "fdatasync.bin")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.pwrite(fd, bytes(n * 4096), 0)
+        os.fsync(fd)
+        lat = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            os.pwrite(fd, b"r" * 160, i * 4096)
+            os.fdatasync(fd)
+            lat.append(time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    lat.sort()
+    return {"p50": percentile(lat, 0.5) * 1e3, "p99": percentile(lat, 0.99) * 1e3}
 
 
 def bounded_disk(work: str, overwrites: int, keys: int = 10_000) -> dict[str, Any]:
@@ -165,35 +208,55 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrites", type=int, default=1_000_000)
     ap.add_argument("--baseline-seconds", type=float, default=5.0)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--latency-only", action="store_true", help="skip the disk-use part (3.)")
     args = ap.parse_args(argv)
     work = tempfile.mkdtemp(prefix="walstore-compaction-bench-", dir=args.dir)
     try:
         print("latency under compaction...", file=sys.stderr)
         lat = latency_under_compaction(work, args.keys, args.baseline_seconds)
         print("bounded disk...", file=sys.stderr)
-        disk = bounded_disk(work, args.overwrites)
+        disk = bounded_disk(work, 0 if args.latency_only else args.overwrites)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ratios = {
         "p99 during / without (target <= 2)": lat["during"]["p99_ms"] / lat["without"]["p99_ms"],
         "max commit during compaction, ms (target <= 50)": lat["during"]["max_ms"],
-        "snapshot / raw write+fsync throughput (target >= 0.5)":
+        "snapshot write / raw write+fsync throughput (target >= 0.5)":
             lat["snapshot_throughput_mb_s"] / lat["raw_throughput_mb_s"],
-        "peak disk / live data": disk["peak_over_live"],
+        "whole compaction / raw write+fsync throughput (no target)":
+            lat["compaction_throughput_mb_s"] / lat["raw_throughput_mb_s"],
     }
+    if not args.latency_only:
+        ratios["peak disk / live data"] = disk["peak_over_live"]
     out = {"backend": walstore.backend(), "latency": lat, "disk": disk, "ratios": ratios}
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    print(f"backend {out['backend']}, {args.keys} keys")
+    print(f"backend {out['backend']}, {args.keys} keys, walstore from {os.path.dirname(walstore.__file__)}")
     for phase in ("without", "during"):
         d = lat[phase]
         print(f"  writer {phase:<8} compaction: {d['commits']:>6} commits  p50 {d['p50_ms']:.2f} ms"
               f"  p99 {d['p99_ms']:.2f} ms  max {d['max_ms']:.2f} ms")
-    print(f"  snapshot {lat['during']['snapshot_bytes'] / 1e6:.1f} MB in {lat['during']['snapshot_seconds']:.2f} s"
-          f" = {lat['snapshot_throughput_mb_s']:.0f} MB/s; raw write+fsync {lat['raw_throughput_mb_s']:.0f} MB/s")
-    print(f"  {disk['overwrites']} overwrites of {disk['keys']} keys: peak disk {disk['peak_disk_bytes'] / 1e6:.1f} MB"
-          f" = {disk['peak_over_live']:.1f}x live data")
+    d = lat["during"]
+    steps = d["snapshot_steps"]
+    before, after = lat["raw_fdatasync_before_ms"], lat["raw_fdatasync_after_ms"]
+    print(f"  disk: raw pwrite+fdatasync p50/p99 {before['p50']:.2f}/{before['p99']:.2f} ms before,"
+          f" {after['p50']:.2f}/{after['p99']:.2f} ms after; raw write+fsync of"
+          f" {d['snapshot_bytes'] / 1e6:.1f} MB {lat['raw_write_fsync_seconds']:.3f} s"
+          f" = {lat['raw_throughput_mb_s']:.0f} MB/s (median of "
+          + "/".join(f"{r:.3f}" for r in lat["raw_write_fsync_runs"]) + " s)")
+    print(f"  compaction {d['compaction_seconds']:.3f} s = capture (seal + replay of the sealed log)"
+          f" {d['capture_seconds']:.3f} s + snapshot write {d['snapshot_seconds']:.3f} s"
+          f" + removing covered segments {d['cleanup_seconds']:.3f} s")
+    print(f"  snapshot write {d['snapshot_bytes'] / 1e6:.1f} MB in {d['snapshot_seconds']:.3f} s"
+          f" = {lat['snapshot_throughput_mb_s']:.0f} MB/s (whole compaction"
+          f" {lat['compaction_throughput_mb_s']:.0f} MB/s); steps: "
+          + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in steps.items() if k not in ("total", "direct", "writes"))
+          + f", {steps.get('writes', 0):.0f} writes"
+          + (", O_DIRECT" if steps.get("direct") else ", buffered writes"))
+    if not args.latency_only:
+        print(f"  {disk['overwrites']} overwrites of {disk['keys']} keys:"
+              f" peak disk {disk['peak_disk_bytes'] / 1e6:.1f} MB = {disk['peak_over_live']:.1f}x live data")
     for r in disk["reopen"]:
         print(f"    after {r['writes']:>8} writes: reopen {r['reopen_ms']:.0f} ms, disk {r['disk_bytes'] / 1e6:.1f} MB")
     print()

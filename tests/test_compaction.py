@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from pathlib import Path
@@ -12,6 +13,7 @@ from storetools import ENOSPC, FailingFileAPI, crash, flip_bit
 import walstore
 from walstore import format as fmt
 from walstore import snapshot
+from walstore.crashfs import FaultyFileAPI
 
 
 def names(path: Path, pattern: str) -> list[str]:
@@ -191,3 +193,41 @@ def test_interrupted_compaction_leftovers_are_cleaned(tmp_path: Path, backend: s
         assert db2.recovery.snapshot_seq == seq
     assert names(path, "seg-*.wal") == [fmt.segment_name(seq + 1)]
     assert not list(path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("op", ["open", "pwrite", "fdatasync", "ftruncate", "fsync", "rename"])
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+def test_snapshot_write_failing_at_each_step_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str, op: str, err: int
+) -> None:
+    """Every file operation of a snapshot write (several aligned writes, a write-behind
+    fdatasync, the last block cut back by ftruncate under O_DIRECT, fsync, rename) failing:
+    DiskFullError or SnapshotError, no temp file, the log as it was, writers not poisoned,
+    and the next compaction succeeds."""
+    monkeypatch.setattr(snapshot, "CHUNK_BYTES", 200)
+    monkeypatch.setattr(snapshot, "BLOCK_BYTES", 0)
+    for name in ("SYNC_FIRST", "SYNC_MIN", "SYNC_MAX"):
+        monkeypatch.setattr(snapshot, name, 2 * snapshot.ALIGN)
+    fs = FaultyFileAPI()
+    path = tmp_path / "db"
+    db = walstore.open(path, segment_size=4096, auto_compact=False, fs=fs)
+    for i in range(500):
+        db[f"k{i % 300}"] = "v" * (i % 200)
+    model = db.to_dict()
+    db._writer.seal_for_snapshot()
+    segs_before = names(path, "seg-*.wal")
+    fault = fs.fail(op, nth=2 if op == "pwrite" else 1, err=err, path=".snap")
+    with pytest.raises(walstore.SnapshotError if err != errno.ENOSPC else walstore.DiskFullError):
+        db.compact()
+    if op == "ftruncate" and not fault.fired:
+        pytest.skip("the snapshot was written without O_DIRECT here: no ftruncate to fail")
+    assert fault.fired == 1
+    fs.clear()
+    assert names(path, "snap-*") == []  # the temp snapshot is gone too
+    assert names(path, "seg-*.wal") == segs_before
+    db["after"] = 1  # writers are not poisoned by a failed snapshot
+    model["after"] = 1
+    assert db.compact() is not None
+    db.close()
+    with walstore.open(path, segment_size=4096) as db2:
+        assert db2.to_dict() == model

@@ -24,7 +24,7 @@ import crashcheck as cc
 import pytest
 
 import walstore
-from walstore import crashfs
+from walstore import crashfs, snapshot
 from walstore.crashfs import RecordingFileAPI
 
 SEG = 4096
@@ -111,6 +111,39 @@ def test_automatic_compaction(tmp_path: Any, monkeypatch: Any, backend: str) -> 
     snaps = sum(1 for op in model.ops if op.kind == crashfs.RENAME and op.dst.endswith(".snap"))
     assert snaps >= 2, f"only {snaps} snapshots were written: {stats}"
     _check_all(tmp_path, rec, hist, "automatic compaction", seed, cc.budget(900), kw)
+
+
+@pytest.mark.parametrize("backend", cc.BACKENDS)
+def test_compaction_in_many_blocks(tmp_path: Any, monkeypatch: Any, backend: str) -> None:
+    """Snapshot chunks, blocks and write-behind syncs made tiny, so one compaction is many
+    aligned writes (O_DIRECT where the filesystem takes it), write-behind fdatasyncs, the
+    zero-padded last block cut back by ftruncate, fsync, rename, directory fsync, unlinks:
+    every crash state across them; and every file operation of the compaction is recorded."""
+    cc.select_backend(backend, monkeypatch)
+    monkeypatch.setattr(snapshot, "CHUNK_BYTES", 200)
+    monkeypatch.setattr(snapshot, "BLOCK_BYTES", 0)  # the smallest: one aligned block a write
+    for name in ("SYNC_FIRST", "SYNC_MIN", "SYNC_MAX"):
+        monkeypatch.setattr(snapshot, name, 3 * snapshot.ALIGN)
+    seed = cc.base_seed(7007)
+    rec, hist = _record(tmp_path, "run")
+    kw: dict[str, Any] = {"segment_size": SEG, "auto_compact": False}
+    run = cc.Runner(rec, hist, **kw)
+    run.open()
+    commits = cc.make_commits(seed, 70, nkeys=60)
+    for c in commits[:60]:
+        run.commit(c)
+    mark = rec.mark()
+    run.compact()
+    ops = rec.ops[mark:]
+    snap_ops = [op for op in ops if ".snap" in op.path]
+    calls = [op.call or op.kind for op in snap_ops]
+    assert calls.count("pwrite") >= 4 and calls.count("fdatasync") >= 1, crashfs.format_ops(snap_ops)
+    assert {"open", "fsync", "rename", "close"} <= set(calls), crashfs.format_ops(snap_ops)
+    assert any(op.kind == crashfs.DIRSYNC for op in ops) and any(op.kind == crashfs.UNLINK for op in ops)
+    for c in commits[60:]:
+        run.commit(c)
+    run.close()
+    _check_all(tmp_path, rec, hist, "compaction in many blocks", seed, cc.budget(900), kw)
 
 
 @pytest.mark.parametrize("backend", cc.BACKENDS)

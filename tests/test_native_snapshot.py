@@ -410,3 +410,242 @@ def test_c_copy_runs_without_the_gil(native: Any) -> None:
         stop.set()
         sys.setswitchinterval(old)
         t.join()
+
+
+def fill_all(frames: Any, size: int, start: int) -> bytes:
+    """Every record `fill_into` appends to a buffer of `size` bytes from `start`, growing the
+    buffer as it asks; the records concatenated."""
+    out = bytearray()
+    buf = bytearray(size)
+    while True:
+        n = frames.fill_into(buf, start)
+        if n < 0:
+            assert -n > len(buf) - start  # it asks only when the record did not fit
+            buf = bytearray(start - n)
+            continue
+        if n == 0:
+            return bytes(out)
+        assert n % 8 == 0
+        out += buf[start : start + n]
+
+
+@SETTINGS
+@given(
+    txns=transactions,
+    chunk_bytes=chunk_sizes,
+    extra=st.integers(0, 3000),
+    start=st.integers(0, 100),
+)
+def test_c_frames_equal_python_framing(
+    native: Any, txns: list[list[bytes]], chunk_bytes: int, extra: int, start: int
+) -> None:
+    """`snapshot_frames`: whole SNAPSHOT_DATA records, byte for byte encode_frame around
+    PyKVReplayer.snapshot_payloads, whatever the buffer's size and the offset filled from."""
+    log = commit_log(txns)
+    py, c = PyKVReplayer(), native.KVReplayer()
+    py.apply_range(log, 0, len(log))
+    c.apply_range(log, 0, len(log))
+    want = [fmt.encode_frame(fmt.REC_SNAPSHOT_DATA, 9, 9, p) for p in py.snapshot_payloads(chunk_bytes)]
+    frames = c.snapshot_frames(9, chunk_bytes)
+    try:
+        got = fill_all(frames, start + frames.record_room + extra, start)
+        assert got == b"".join(want)
+        assert frames.records == len(want)
+    finally:
+        frames.close()
+    frames.close()  # idempotent
+    assert len(c) == 0  # the replayer is finished at once, as by snapshot_payloads
+
+
+def test_c_frames_refuse_a_buffer_below_one_record(native: Any) -> None:
+    log = commit_log([[fmt.encode_op(PUT, 0, b"k", b"v" * 50)]])
+    c = native.KVReplayer()
+    c.apply_range(log, 0, len(log))
+    frames = c.snapshot_frames(1, 64)
+    try:
+        with pytest.raises(ValueError):
+            frames.fill_into(bytearray(frames.record_room - 1), 0)
+        with pytest.raises(ValueError):
+            frames.fill_into(bytearray(200), 201)
+        assert fill_all(frames, frames.record_room, 0)
+    finally:
+        frames.close()
+    with pytest.raises(ValueError):
+        frames.fill_into(bytearray(200), 0)
+
+
+def mixed_log() -> bytes:
+    """3,000 puts over 300 keys, values up to 700 bytes, one value longer than a chunk."""
+    txns = [[fmt.encode_op(PUT, fmt.op_flags(i % 2 == 1, i % 3), f"k{i % 300}".encode(), b"v" * (i % 700))]
+            for i in range(3000)]
+    txns.append([fmt.encode_op(PUT, 0, b"huge", bytes(range(256)) * 300)])
+    return commit_log(txns)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("block", [0, 5000, 4 << 20])
+def test_write_snapshot_same_file_from_c_frames_and_payloads(
+    native: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool, block: int
+) -> None:
+    """write_snapshot from C-framed records and from Python payloads: the same file, byte for
+    byte, with O_DIRECT or buffered writes, small or large blocks, write-behind syncs."""
+    monkeypatch.setattr(snapshot, "DIRECT", direct)
+    monkeypatch.setattr(snapshot, "BLOCK_BYTES", block)
+    monkeypatch.setattr(snapshot, "SYNC_FIRST", 20000)
+    monkeypatch.setattr(snapshot, "SYNC_MIN", 20000)
+    log = mixed_log()
+    store_id = bytes(range(16))
+    files = []
+    for name in ("c", "py"):
+        r = native.KVReplayer() if name == "c" else PyKVReplayer()
+        r.apply_range(log, 0, len(log))
+        ops = len(r)
+        d = tmp_path / name
+        d.mkdir()
+        src = snapshot.kv_source(r, 3001) if name == "c" else r.snapshot_payloads(snapshot.CHUNK_BYTES)
+        info = snapshot.write_snapshot(OSFileAPI(), str(d), store_id, 3001, src, ops=ops if name == "c" else None)
+        data = Path(info.path).read_bytes()
+        assert info.size == len(data) and info.ops == 301 and info.timings["sync"] > 0
+        seq, scan = snapshot.check_snapshot(info.path, data, store_id)
+        assert seq == 3001 and scan.end == len(data)
+        assert list((tmp_path / name).iterdir()) == [Path(info.path)]
+        files.append(data)
+    assert files[0] == files[1]
+
+
+class RefusesDirect(OSFileAPI):
+    """A filesystem without O_DIRECT: at open (EINVAL), or only once a write is tried."""
+
+    def __init__(self, at_open: bool) -> None:
+        self.at_open = at_open
+        self.direct_fds: set[int] = set()
+
+    def open(self, path: str, flags: int, mode: int = 0o644) -> int:
+        import errno
+        import os
+
+        direct = flags & getattr(os, "O_DIRECT", 0)
+        if direct and self.at_open:
+            raise OSError(errno.EINVAL, "no O_DIRECT here")
+        fd = super().open(path, flags & ~direct, mode)
+        if direct:
+            self.direct_fds.add(fd)
+        return fd
+
+    def close(self, fd: int) -> None:
+        self.direct_fds.discard(fd)
+        super().close(fd)
+
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+        import errno
+
+        if fd in self.direct_fds:
+            raise OSError(errno.EINVAL, "O_DIRECT write refused")
+        return super().pwrite(fd, data, offset)
+
+
+@pytest.mark.parametrize("at_open", [True, False])
+def test_write_snapshot_falls_back_to_buffered_writes(
+    native: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at_open: bool
+) -> None:
+    monkeypatch.setattr(snapshot, "_direct_refused", False)  # restored after: other tests keep O_DIRECT
+    log = mixed_log()
+    r = native.KVReplayer()
+    r.apply_range(log, 0, len(log))
+    ops = len(r)
+    store_id = bytes(range(16))
+    info = snapshot.write_snapshot(RefusesDirect(at_open), str(tmp_path), store_id, 5, snapshot.kv_source(r, 5), ops)
+    assert info.timings["direct"] == 0.0
+    data = Path(info.path).read_bytes()
+    assert snapshot.check_snapshot(info.path, data, store_id)[1].end == len(data) == info.size
+
+
+class CountingFS(OSFileAPI):
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+        self.sizes.append(len(data))
+        return super().pwrite(fd, data, offset)
+
+
+@pytest.mark.parametrize("target", [0.0, 10.0])
+def test_direct_write_size_adapts_to_the_disk(
+    native: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: float
+) -> None:
+    """Writes that take longer than WRITE_TARGET_S shrink to WRITE_MIN; fast ones grow back
+    to BLOCK_BYTES. Either way the file is the same."""
+    monkeypatch.setattr(snapshot, "BLOCK_BYTES", 64 << 10)
+    monkeypatch.setattr(snapshot, "WRITE_MIN", 4096)
+    monkeypatch.setattr(snapshot, "WRITE_TARGET_S", target)
+    log = mixed_log()
+    r = native.KVReplayer()
+    r.apply_range(log, 0, len(log))
+    ops = len(r)
+    fs = CountingFS()
+    store_id = bytes(range(16))
+    info = snapshot.write_snapshot(fs, str(tmp_path), store_id, 7, snapshot.kv_source(r, 7, 1000), ops)
+    data = Path(info.path).read_bytes()
+    assert snapshot.check_snapshot(info.path, data, store_id)[1].end == len(data)
+    if not info.timings["direct"]:
+        pytest.skip("no O_DIRECT on this filesystem: the write size does not adapt")
+    body = fs.sizes[:-1]  # the last write is the padded tail
+    if target == 0.0:
+        assert body[0] == 64 << 10 and max(body[-3:]) == 4096
+    else:
+        assert max(body) == 64 << 10
+
+
+class RefusesLaterDirectWrites(OSFileAPI):
+    """O_DIRECT accepted at open and for the first write, refused (EINVAL) after it."""
+
+    def __init__(self) -> None:
+        self.direct_fds: dict[int, int] = {}
+
+    def open(self, path: str, flags: int, mode: int = 0o644) -> int:
+        import os
+
+        fd = super().open(path, flags, mode)
+        if flags & getattr(os, "O_DIRECT", 0):
+            self.direct_fds[fd] = 0
+        return fd
+
+    def close(self, fd: int) -> None:
+        self.direct_fds.pop(fd, None)
+        super().close(fd)
+
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+        import errno
+
+        if fd in self.direct_fds:
+            self.direct_fds[fd] += 1
+            if self.direct_fds[fd] > 1:
+                raise OSError(errno.EINVAL, "O_DIRECT write refused")
+        return super().pwrite(fd, data, offset)
+
+
+def test_direct_refused_mid_snapshot_fails_it_and_the_next_is_buffered(
+    native: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(snapshot, "_direct_refused", False)
+    monkeypatch.setattr(snapshot, "BLOCK_BYTES", 0)
+    log = mixed_log()
+    store_id = bytes(range(16))
+    fs = RefusesLaterDirectWrites()
+    results = []
+    for _attempt in range(2):
+        r = native.KVReplayer()
+        r.apply_range(log, 0, len(log))
+        ops = len(r)
+        try:
+            info = snapshot.write_snapshot(fs, str(tmp_path), store_id, 5, snapshot.kv_source(r, 5, 1000), ops)
+        except walstore.SnapshotError:
+            results.append("failed")
+            assert list(tmp_path.iterdir()) == []
+            continue
+        results.append(info.timings["direct"])
+        data = Path(info.path).read_bytes()
+        assert snapshot.check_snapshot(info.path, data, store_id)[1].end == len(data)
+    if results[0] == 0.0:
+        pytest.skip("no O_DIRECT on this filesystem")
+    assert results == ["failed", 0.0]

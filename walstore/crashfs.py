@@ -887,6 +887,9 @@ class Fault:
         return self.times > 0 and self.fired >= self.times
 
 
+_DIRECT_ALIGN = 4096
+"""What an O_DIRECT write's length must be a multiple of (walstore.snapshot.ALIGN)."""
+
 SPACE_OPS = frozenset({"pwrite", "fallocate", "open-create", "mkdir", "rename", "clone"})
 
 
@@ -905,8 +908,12 @@ class _ShortWriteOS:
     def pwrite(self, fd: int, data: Any, offset: int) -> int:
         owner: Optional[FaultyFileAPI] = getattr(self.local, "owner", None)
         if owner is not None and len(data) > owner.short_writes:
-            data = memoryview(data)[: owner.short_writes]
-            owner.short_write_count += 1
+            limit = owner.short_writes
+            if fd in owner._direct_fds:  # O_DIRECT: a short write still ends on a block boundary
+                limit = max(_DIRECT_ALIGN, limit // _DIRECT_ALIGN * _DIRECT_ALIGN)
+            if len(data) > limit:
+                data = memoryview(data)[:limit]
+                owner.short_write_count += 1
         result: int = self._real.pwrite(fd, data, offset)
         return result
 
@@ -953,6 +960,7 @@ class FaultyFileAPI(OSFileAPI):
         """(op, path, errno, thread name) of each injected failure."""
         self._lock = threading.Lock()
         self._fd_paths: dict[int, str] = {}
+        self._direct_fds: set[int] = set()
         if short_writes:
             _install_short_write_os()
 
@@ -1001,12 +1009,17 @@ class FaultyFileAPI(OSFileAPI):
         fd = self.inner.open(path, flags, mode)
         with self._lock:
             self._fd_paths[fd] = path
+            if flags & getattr(os, "O_DIRECT", 0):
+                self._direct_fds.add(fd)
+            else:
+                self._direct_fds.discard(fd)
         return fd
 
     def close(self, fd: int) -> None:
         f = self._check("close", self._path(fd))
         with self._lock:
             path = self._fd_paths.pop(fd, "")
+            self._direct_fds.discard(fd)
         self.inner.close(fd)
         if f is not None:  # close fails after releasing the descriptor, as on Linux
             self._raise(f, "close", path)
@@ -1017,6 +1030,8 @@ class FaultyFileAPI(OSFileAPI):
         if f is not None:
             if f.partial > 0:
                 n = int(len(data) * f.partial)
+                if fd in self._direct_fds:  # O_DIRECT stores whole blocks only
+                    n = n // _DIRECT_ALIGN * _DIRECT_ALIGN
                 if n:
                     self.inner.pwrite(fd, memoryview(data)[:n], offset)
             self._raise(f, "pwrite", path)

@@ -208,6 +208,22 @@ class KVReplayer:
         self._kv, self._buffers = _new_table(), []
         return _c_snapshot_payloads(kv, buffers, chunk)
 
+    def snapshot_frames(self, seq: int, chunk_bytes: int = SNAPSHOT_CHUNK_BYTES) -> SnapshotFrames:
+        """The payloads of `snapshot_payloads`, as whole SNAPSHOT_DATA records (seq = durable =
+        `seq`) framed in C into reused blocks (walstore.snapshot.write_snapshot's fast path).
+
+        As `snapshot_payloads`, the table and its buffers move to the result and the
+        replayer is finished at once; close the result to release them.
+        """
+        if self._failed:
+            raise kv_error(KV_EFAILED, 0)
+        chunk = check_chunk_bytes(chunk_bytes)
+        if not 0 <= seq < _U64:
+            raise ValueError(f"seq must fit in 64 bits, not {seq!r}")
+        kv, buffers = self._kv, self._buffers
+        self._kv, self._buffers = _new_table(), []
+        return SnapshotFrames(kv, buffers, seq, chunk)
+
     def _build(self, decode: Callable[[bytes], Any]) -> dict[Any, Any]:
         sizes = _ffi.new("uint64_t[2]")
         _lib.ws_kv_export_sizes(self._kv, sizes, sizes + 1)
@@ -291,6 +307,58 @@ def _c_snapshot_payloads(kv: Any, buffers: list[Any], chunk_bytes: int) -> Gener
         for cbuf in buffers:
             _ffi.release(cbuf)
         _ffi.release(kv)
+
+
+class SnapshotFrames:
+    """Whole SNAPSHOT_DATA records of a detached C table, appended to a caller's buffer by
+    `ws_snapshot_frames` (copy, framing and CRC32C in one C call, without the GIL)."""
+
+    def __init__(self, kv: Any, buffers: list[Any], seq: int, chunk_bytes: int) -> None:
+        self._kv: Any = kv
+        self._buffers = buffers
+        self._seq = seq
+        self.chunk_bytes = chunk_bytes
+        self.record_room = fmt.FRAME_HEADER_SIZE + fmt.padded(chunk_bytes)
+        """Room a record of a full chunk takes: fill_into starts a record only with this much left."""
+        self._cursor = _ffi.new("uint64_t *")
+        self._records = _ffi.new("uint64_t *")
+        self._need = _ffi.new("uint64_t *")
+
+    @property
+    def records(self) -> int:
+        """SNAPSHOT_DATA records filled so far."""
+        return int(self._records[0])
+
+    def fill_into(self, buf: Any, start: int) -> int:
+        """Append whole records to the writable buffer `buf` from offset `start` while at least
+        `record_room` bytes remain; return the bytes added (0 once every key is out). When the
+        next operation alone is longer than a chunk and its record does not fit, nothing is
+        added and minus that record's size is returned (call again with that much room)."""
+        if self._kv is None:
+            raise ValueError("snapshot frames closed")
+        with _ffi.from_buffer("uint8_t[]", buf, require_writable=True) as cbuf:
+            size = len(cbuf)
+            if not 0 <= start <= size:
+                raise ValueError(f"start {start} outside a {size}-byte buffer")
+            n = _lib.ws_snapshot_frames(
+                self._kv, self._cursor, self.chunk_bytes, self._seq, cbuf + start, size - start,
+                self._records, self._need,
+            )
+        if n == -1:
+            return -int(self._need[0])
+        if n < 0:
+            raise ValueError(f"a buffer of {size - start} bytes from {start} is below one record's room")
+        return int(n)
+
+    def close(self) -> None:
+        """Release the table and the buffers it points into (idempotent)."""
+        if self._kv is None:
+            return
+        for cbuf in self._buffers:
+            _ffi.release(cbuf)
+        self._buffers = []
+        _ffi.release(self._kv)
+        self._kv = None
 
 
 def _new_table() -> Any:

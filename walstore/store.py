@@ -228,7 +228,7 @@ class Store(DurableStore, MutableMapping[Key, Any]):
         # the GIL): no dict of the state. The C table points into the maps, so they are
         # closed only once the payloads are consumed or the generator closed.
         live = len(replayer)  # one PUT per surviving key: no need to count them again
-        payloads = replayer.snapshot_payloads()
+        payloads = snapshot.kv_source(replayer, seq)  # records framed in C when the replayer can
         try:
             info = snapshot.write_snapshot(core.fs, self.path, core.identity.store_id, seq, payloads, ops=live)
         finally:
