@@ -182,10 +182,10 @@ class NativeLogWriter(LogWriter):
     def _drain_syncs(self) -> None:
         """Nothing to do: every caller (roll, close) holds a C pause, which drained them."""
 
-    def _roll(self, expect: Optional[ActiveSegment] = None) -> None:
+    def _roll(self, expect: Optional[ActiveSegment] = None, seal_later: bool = False) -> Optional[ActiveSegment]:
         _lib.ws_log_pause(self._log)
         try:
-            super()._roll(expect)
+            return super()._roll(expect, seal_later)
         finally:
             _lib.ws_log_resume(self._log)
 

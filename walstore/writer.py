@@ -519,10 +519,12 @@ class LogWriter:
                 thread.join()
         with self._mutex:
             self._check_usable()
-            if self._seg.offset > fmt.FILE_HEADER_SIZE:
-                self._roll()
+            old = self._roll(seal_later=True) if self._seg.offset > fmt.FILE_HEADER_SIZE else None
             self.log_bytes = 0
-            return self._last_seq
+            seq = self._last_seq
+        if old is not None:  # cut back and fsynced without holding up commits
+            self._seal(old, locked=False)
+        return seq
 
     def _drain_syncs(self) -> None:
         """Wait (lock held) for an in-flight sync to end; no new commit or sync starts meanwhile."""
@@ -534,11 +536,13 @@ class LogWriter:
             self._draining = False
             self._wake()
 
-    def _roll(self, expect: Optional[ActiveSegment] = None) -> None:
+    def _roll(self, expect: Optional[ActiveSegment] = None, seal_later: bool = False) -> Optional[ActiveSegment]:
         """Seal the active segment and start the next one (lock held).
 
         With `expect`, nothing happens if the active segment is no longer
         `expect` once in-flight syncs have drained (someone else rolled it).
+        With `seal_later`, the old segment is returned instead of cut back and
+        fsynced: the caller passes it to `_seal` once it has let go of the lock.
 
         Order: fdatasync the old segment; create, fsync and rename the new one
         and fsync the directory (ENOSPC here leaves the old segment active and
@@ -546,7 +550,7 @@ class LogWriter:
         """
         self._drain_syncs()
         if expect is not None and self._seg is not expect:
-            return  # another committer rolled while this one waited
+            return None  # another committer rolled while this one waited
         old = self._seg
         # Sync with the lock held: no record may slip into the old segment after this
         # sync began, or the new segment's header (renamed into place next) could vouch
@@ -577,18 +581,34 @@ class LogWriter:
             raise
         hit("roll.after_create")
         self._detach(old)
-        try:
-            self._fs.ftruncate(old.fd, old.offset)
-            self._fs.fsync(old.fd)
-        except OSError as exc:
-            self._poison_with(exc)
-            raise StorePoisonedError(f"sealing {old.path} failed: {exc}") from exc
-        finally:
-            self._fs.close(old.fd)
-            self._seg = new
-            self._attach(new)
+        self._seg = new
+        self._attach(new)
         self.rolls += 1
         self._maybe_prealloc()
+        if seal_later:
+            return old
+        self._seal(old, locked=True)
+        return None
+
+    def _seal(self, old: ActiveSegment, locked: bool) -> None:
+        """Cut the sealed segment `old` back to its records, fsync and close it; poison on failure.
+
+        May run without the lock (`locked=False`): nothing writes to `old` any more,
+        and until it is cut, recovery reads the zeros after its records as its end.
+        """
+        try:
+            try:
+                self._fs.ftruncate(old.fd, old.offset)
+                self._fs.fsync(old.fd)
+            finally:
+                self._fs.close(old.fd)
+        except OSError as exc:
+            if locked:
+                self._poison_with(exc)
+            else:
+                with self._cond:
+                    self._poison_with(exc)
+            raise StorePoisonedError(f"sealing {old.path} failed: {exc}") from exc
 
     def _take_prealloc(self) -> bool:
         t = self._prealloc_thread
