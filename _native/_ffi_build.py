@@ -15,8 +15,8 @@ import shutil
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["crc32c.c", "scan.c", "kvreplay.c"]
-HEADERS = ["walstore_format.h", "crc32c.h", "scan.h", "kvreplay.h", "le.h"]
+SOURCES = ["crc32c.c", "scan.c", "kvreplay.c", "kvdict.c"]
+HEADERS = ["walstore_format.h", "crc32c.h", "scan.h", "kvreplay.h", "kvdict.h", "le.h"]
 EXTRA_COMPILE_ARGS = ["-O2", "-Wall", "-Wextra", "-std=gnu11"]
 
 _DEFINE = re.compile(r"^#define\s+(WS_\w+)\s+(0x[0-9A-Fa-f]+|\d+)u?\s*(?:/\*.*)?$")
@@ -33,6 +33,7 @@ CDEF = (
     _int_defines("walstore_format.h")
     + _int_defines("scan.h")
     + _int_defines("kvreplay.h")
+    + _int_defines("kvdict.h")
     + """
 uint32_t ws_crc32c(uint32_t crc, const char *buf, size_t len);
 uint32_t ws_crc32c_table(uint32_t crc, const char *buf, size_t len);
@@ -65,6 +66,15 @@ int ws_kv_apply_range(ws_kv *kv, const uint8_t *buf, size_t size, size_t start, 
 uint64_t ws_kv_len(const ws_kv *kv);
 void ws_kv_export_sizes(const ws_kv *kv, uint64_t *blob_bytes, uint64_t *runs);
 int64_t ws_kv_export(const ws_kv *kv, uint8_t *blob, size_t blob_size, uint64_t *runs, size_t runs_cap);
+typedef struct {
+    const uint8_t *key;
+    uint64_t entry;
+    uint32_t klen;
+    uint32_t vlen;
+    uint8_t flags;
+} ws_kv_item;
+size_t ws_kv_items(const ws_kv *kv, uint64_t *cursor, ws_kv_item *out, size_t cap);
+int ws_kv_build_dict(const ws_kv *kv, uintptr_t dict, uintptr_t codec_keys, uint64_t *cursor, uint64_t limit);
 int64_t ws_kv_snapshot_chunk(const ws_kv *kv, uint64_t *cursor, uint64_t chunk_bytes, uint8_t *out,
                              size_t out_size, uint64_t *need);
 """
@@ -83,7 +93,7 @@ def make_ffi(absolute: bool = False) -> FFI:
     builder.cdef(CDEF)
     builder.set_source(
         "walstore._walstore_native",
-        '#include "walstore_format.h"\n#include "crc32c.h"\n#include "scan.h"\n#include "kvreplay.h"\n',
+        "".join(f'#include "{h}"\n' for h in ("walstore_format.h", "crc32c.h", "scan.h", "kvreplay.h", "kvdict.h")),
         sources=[_path(s) for s in SOURCES],
         include_dirs=[_path(".")],
         depends=[_path(h) for h in HEADERS],

@@ -573,3 +573,21 @@ int64_t ws_kv_snapshot_chunk(const ws_kv *kv, uint64_t *cursor, uint64_t chunk_b
     *cursor = i;
     return (int64_t)at;
 }
+
+size_t ws_kv_items(const ws_kv *kv, uint64_t *cursor, ws_kv_item *out, size_t cap)
+{
+    size_t i = *cursor < kv->n_entries ? (size_t)*cursor : kv->n_entries, n = 0;
+    for (; i < kv->n_entries && n < cap; i++) {
+        const entry *e = &kv->entries[i];
+        if (!e->live)
+            continue;
+        out[n].key = e->key;
+        out[n].entry = i;
+        out[n].klen = e->klen;
+        out[n].vlen = e->vlen;
+        out[n].flags = e->flags;
+        n++;
+    }
+    *cursor = i;
+    return n;
+}
