@@ -13,7 +13,8 @@
 #include <pyconfig.h>
 #else
 #include <pyconfig.h>
-#if !defined(Py_DEBUG) && !defined(Py_TRACE_REFS) && !defined(Py_REF_DEBUG)
+/* As cffi decides, and never for free-threaded builds (they have no stable ABI). */
+#if !defined(Py_DEBUG) && !defined(Py_TRACE_REFS) && !defined(Py_REF_DEBUG) && !defined(Py_GIL_DISABLED)
 #define Py_LIMITED_API
 #endif
 #endif
