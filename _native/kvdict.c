@@ -22,6 +22,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <stdlib.h>
+#include <string.h>
+
 #include "kvdict.h"
 #include "walstore_format.h"
 
@@ -40,23 +43,23 @@ int ws_kv_build_dict(const ws_kv *kv, uintptr_t dict, uintptr_t codec_keys, uint
 #else
 
 #define BATCH 256 /* items fetched from the table per ws_kv_items call */
-#define AHEAD 8   /* items whose bytes are prefetched ahead of the one being made */
+#define STAGE_ITEM 256 /* items of at most this many bytes (key and value) are staged */
 
-#if defined(__GNUC__) || defined(__clang__)
-#define PREFETCH(p) __builtin_prefetch(p)
-#else
-#define PREFETCH(p) ((void)(p))
-#endif
-
-static void prefetch_item(const ws_kv_item *it)
+/* Where each item's bytes are read from: small items are first copied, the
+ * whole batch in one tight loop, into `stage` (BATCH * STAGE_ITEM bytes, or
+ * NULL), so their cache and TLB misses in the maps overlap instead of each
+ * stalling between object allocations. */
+static void stage_batch(const ws_kv_item *items, size_t n, const uint8_t **src, uint8_t *stage)
 {
-    const uint8_t *p = it->key;
-    size_t len = (size_t)it->klen + it->vlen;
-    PREFETCH(p);
-    if (len > 64)
-        PREFETCH(p + 64);
-    if (len > 1)
-        PREFETCH(p + len - 1);
+    for (size_t j = 0; j < n; j++) {
+        size_t len = (size_t)items[j].klen + items[j].vlen;
+        if (stage && len <= STAGE_ITEM) {
+            memcpy(stage + j * STAGE_ITEM, items[j].key, len);
+            src[j] = stage + j * STAGE_ITEM;
+        } else {
+            src[j] = items[j].key;
+        }
+    }
 }
 
 /* A new reference: str (strict UTF-8) when `text`, else bytes; NULL with an exception set. */
@@ -68,15 +71,15 @@ static PyObject *make(const uint8_t *p, uint32_t n, int text)
 }
 
 /* Insert one item; 0, or -1 with an exception set. Every reference made here is released. */
-static int insert(PyObject *dict, PyObject *codec_keys, const ws_kv_item *it)
+static int insert(PyObject *dict, PyObject *codec_keys, const ws_kv_item *it, const uint8_t *src)
 {
     unsigned kind = ((unsigned)it->flags >> WS_VALUE_KIND_SHIFT) & 3;
     PyObject *key, *value;
     int rc;
-    key = make(it->key, it->klen, it->flags & WS_KEY_STR);
+    key = make(src, it->klen, it->flags & WS_KEY_STR);
     if (!key)
         return -1;
-    value = make(it->key + it->klen, it->vlen, kind == WS_VALUE_STR);
+    value = make(src + it->klen, it->vlen, kind == WS_VALUE_STR);
     if (!value) {
         Py_DECREF(key);
         return -1;
@@ -94,6 +97,8 @@ int ws_kv_build_dict(const ws_kv *kv, uintptr_t dict_addr, uintptr_t codec_keys_
 {
     PyObject *dict = (PyObject *)dict_addr, *codec_keys = (PyObject *)codec_keys_addr;
     ws_kv_item items[BATCH];
+    const uint8_t *src[BATCH];
+    uint8_t *stage = malloc(BATCH * STAGE_ITEM); /* NULL: no staging */
     uint64_t done = 0;
     int rc = WS_KV_DICT_DONE;
     PyGILState_STATE gil = PyGILState_Ensure();
@@ -114,12 +119,9 @@ int ws_kv_build_dict(const ws_kv *kv, uintptr_t dict_addr, uintptr_t codec_keys_
         n = ws_kv_items(kv, cursor, items, want);
         if (n == 0)
             break;
-        for (size_t j = 0; j < n && j < AHEAD; j++)
-            prefetch_item(&items[j]);
+        stage_batch(items, n, src, stage);
         for (size_t j = 0; j < n; j++) {
-            if (j + AHEAD < n)
-                prefetch_item(&items[j + AHEAD]);
-            if (insert(dict, codec_keys, &items[j]) < 0) {
+            if (insert(dict, codec_keys, &items[j], src[j]) < 0) {
                 *cursor = items[j].entry; /* the caller redoes this one in Python */
                 PyErr_Clear();
                 rc = WS_KV_DICT_FAILED;
@@ -130,6 +132,7 @@ int ws_kv_build_dict(const ws_kv *kv, uintptr_t dict_addr, uintptr_t codec_keys_
     }
 out:
     PyGILState_Release(gil);
+    free(stage);
     return rc;
 }
 
