@@ -14,8 +14,8 @@ import re
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["crc32c.c", "scan.c", "kvreplay.c", "snapshot.c", "logwrite.c"]
-HEADERS = ["walstore_format.h", "crc32c.h", "scan.h", "kvreplay.h", "snapshot.h", "logwrite.h", "le.h"]
+SOURCES = ["crc32c.c", "scan.c", "kvreplay.c", "kvdict.c", "snapshot.c", "logwrite.c"]
+HEADERS = ["walstore_format.h", "crc32c.h", "scan.h", "kvreplay.h", "kvdict.h", "snapshot.h", "logwrite.h", "le.h"]
 EXTRA_COMPILE_ARGS = ["-O2", "-Wall", "-Wextra", "-std=gnu11"]
 
 _DEFINE = re.compile(r"^#define\s+(WS_\w+)\s+(0x[0-9A-Fa-f]+|\d+)u?\s*(?:/\*.*)?$")
@@ -32,6 +32,7 @@ CDEF = (
     _int_defines("walstore_format.h")
     + _int_defines("scan.h")
     + _int_defines("kvreplay.h")
+    + _int_defines("kvdict.h")
     + """
 #define WS_LOG_NO_ROOM ...
 #define WS_LOG_TOO_BIG ...
@@ -70,6 +71,15 @@ int ws_kv_apply_range(ws_kv *kv, const uint8_t *buf, size_t size, size_t start, 
 uint64_t ws_kv_len(const ws_kv *kv);
 void ws_kv_export_sizes(const ws_kv *kv, uint64_t *blob_bytes, uint64_t *runs);
 int64_t ws_kv_export(const ws_kv *kv, uint8_t *blob, size_t blob_size, uint64_t *runs, size_t runs_cap);
+typedef struct {
+    const uint8_t *key;
+    uint64_t entry;
+    uint32_t klen;
+    uint32_t vlen;
+    uint8_t flags;
+} ws_kv_item;
+size_t ws_kv_items(const ws_kv *kv, uint64_t *cursor, ws_kv_item *out, size_t cap);
+int ws_kv_build_dict(const ws_kv *kv, uintptr_t dict, uintptr_t codec_keys, uint64_t *cursor, uint64_t limit);
 int64_t ws_kv_snapshot_chunk(const ws_kv *kv, uint64_t *cursor, uint64_t chunk_bytes, uint8_t *out,
                              size_t out_size, uint64_t *need);
 

@@ -8,19 +8,32 @@
  * Replay is bound by memory latency (a table of millions of keys does not fit
  * in cache), so operations are decoded PIPE ahead of being applied, and the
  * slot, entry and stored key each operation will touch are prefetched in
- * stages. Prefetches are hints only: every operation is still applied in
+ * stages. Each slot holds the hash beside the entry number, so a probe reads
+ * an entry only when the hashes match, and the entry to prefetch is known.
+ * Large tables are placed on 2 MiB pages where Linux offers them (fewer TLB
+ * misses). Prefetches are hints only: every operation is still applied in
  * log order with a full lookup.
  */
+#if defined(__linux__) && !defined(_DEFAULT_SOURCE)
+#define _DEFAULT_SOURCE /* mmap, madvise under -std=c11 */
+#endif
 #include "kvreplay.h"
 
 #include <stdlib.h>
+#include <string.h>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "le.h"
 #include "walstore_format.h"
 
+/* A slot is (hash << 32) | (entry number + SLOT_BASE), or EMPTY or DUMMY:
+ * probing compares hashes in the slots and reads an entry only on a match. */
 #define SLOT_EMPTY 0u
 #define SLOT_DUMMY 1u
-#define SLOT_BASE 2u /* slot value = entry number + SLOT_BASE */
+#define SLOT_BASE 2u
 #define MAX_ENTRIES (UINT32_MAX - SLOT_BASE)
 
 #define PIPE 16 /* operations decoded ahead of the one applied; a power of two */
@@ -46,14 +59,72 @@ struct ws_kv {
     size_t n_entries; /* live and dead; each holds one slot (or none, once its dummy is reused) */
     size_t cap_entries;
     size_t n_live;
-    uint32_t *slots;
+    uint64_t *slots;
     size_t mask; /* slot count - 1, a power of two minus one */
 };
+
+/* Tables of HUGE_MIN bytes or more are mapped on their own, aligned to and
+ * advised to use 2 MiB pages where the system offers them (Linux THP): a
+ * table of millions of keys is read at random, and with 4 KiB pages nearly
+ * every access also misses the TLB. Everything else, and every other
+ * system, uses calloc. Both return zeroed memory. */
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+#define HUGE_PAGE ((size_t)2 << 20)
+#define HUGE_MIN ((size_t)4 << 20)
+
+static size_t huge_round(size_t bytes)
+{
+    return (bytes + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
+}
+
+static void *table_alloc(size_t n, size_t size)
+{
+    size_t bytes, len, head;
+    uint8_t *p;
+    if (size && n > SIZE_MAX / size / 2)
+        return NULL;
+    bytes = n * size;
+    if (bytes < HUGE_MIN)
+        return calloc(n, size);
+    len = huge_round(bytes);
+    p = mmap(NULL, len + HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return NULL;
+    head = (HUGE_PAGE - ((uintptr_t)p & (HUGE_PAGE - 1))) & (HUGE_PAGE - 1);
+    if (head)
+        munmap(p, head);
+    munmap(p + head + len, HUGE_PAGE - head);
+    p += head;
+    madvise(p, len, MADV_HUGEPAGE); /* a hint: failure leaves 4 KiB pages */
+    return p;
+}
+
+static void table_free(void *p, size_t n, size_t size)
+{
+    if (p && n * size >= HUGE_MIN)
+        munmap(p, huge_round(n * size));
+    else
+        free(p);
+}
+#else
+static void *table_alloc(size_t n, size_t size)
+{
+    return calloc(n, size);
+}
+
+static void table_free(void *p, size_t n, size_t size)
+{
+    (void)n;
+    (void)size;
+    free(p);
+}
+#endif
 
 /* One decoded operation waiting in the pipeline. */
 typedef struct {
     const uint8_t *key;
     uint64_t record; /* offset of its record, for errors */
+    size_t cand;     /* prefetch hint: the entry that may hold this key, or SIZE_MAX */
     uint32_t klen;
     uint32_t vlen;
     uint32_t hash;
@@ -77,6 +148,17 @@ typedef struct {
 static uint64_t rotl64(uint64_t x, int r)
 {
     return (x << r) | (x >> (64 - r));
+}
+
+static uint64_t make_slot(uint32_t hash, size_t entry_number)
+{
+    return (uint64_t)hash << 32 | (uint32_t)(entry_number + SLOT_BASE);
+}
+
+/* The entry number in a slot holding one (its low half >= SLOT_BASE). */
+static size_t slot_entry(uint64_t v)
+{
+    return (uint32_t)v - SLOT_BASE;
 }
 
 static uint32_t hash_key(uint64_t seed, const uint8_t *p, size_t n, unsigned kflag)
@@ -111,8 +193,8 @@ ws_kv *ws_kv_new(uint64_t seed)
     kv->seed = seed;
     kv->mask = 7;
     kv->cap_entries = 5;
-    kv->slots = calloc(kv->mask + 1, sizeof *kv->slots);
-    kv->entries = malloc(kv->cap_entries * sizeof *kv->entries);
+    kv->slots = table_alloc(kv->mask + 1, sizeof *kv->slots);
+    kv->entries = table_alloc(kv->cap_entries, sizeof *kv->entries);
     if (!kv->slots || !kv->entries) {
         ws_kv_free(kv);
         return NULL;
@@ -124,8 +206,8 @@ void ws_kv_free(ws_kv *kv)
 {
     if (!kv)
         return;
-    free(kv->slots);
-    free(kv->entries);
+    table_free(kv->slots, kv->mask + 1, sizeof *kv->slots);
+    table_free(kv->entries, kv->cap_entries, sizeof *kv->entries);
     free(kv);
 }
 
@@ -141,7 +223,7 @@ static int rebuild(ws_kv *kv)
     size_t want = kv->n_live < 4 ? 8 : kv->n_live * 2;
     size_t nslots = 8, cap, j = 0, n = kv->n_entries;
     const entry *old = kv->entries;
-    uint32_t *slots;
+    uint64_t *slots;
     entry *entries;
     if (want > MAX_ENTRIES)
         return WS_KV_ENOMEM;
@@ -150,11 +232,11 @@ static int rebuild(ws_kv *kv)
     cap = nslots / 3 * 2;
     if (cap > MAX_ENTRIES)
         cap = MAX_ENTRIES;
-    slots = calloc(nslots, sizeof *slots);
-    entries = malloc(cap * sizeof *entries);
+    slots = table_alloc(nslots, sizeof *slots);
+    entries = table_alloc(cap, sizeof *entries);
     if (!entries || !slots) {
-        free(entries);
-        free(slots);
+        table_free(entries, cap, sizeof *entries);
+        table_free(slots, nslots, sizeof *slots);
         return WS_KV_ENOMEM;
     }
     for (size_t i = 0; i < n; i++) {
@@ -166,11 +248,11 @@ static int rebuild(ws_kv *kv)
         s = old[i].hash & (nslots - 1);
         while (slots[s] != SLOT_EMPTY)
             s = (s + 1) & (nslots - 1);
-        slots[s] = (uint32_t)(j + SLOT_BASE);
+        slots[s] = make_slot(old[i].hash, j);
         entries[j++] = old[i];
     }
-    free(kv->entries);
-    free(kv->slots);
+    table_free(kv->entries, kv->cap_entries, sizeof *kv->entries);
+    table_free(kv->slots, kv->mask + 1, sizeof *kv->slots);
     kv->entries = entries;
     kv->slots = slots;
     kv->n_entries = j;
@@ -185,7 +267,7 @@ static size_t lookup(const ws_kv *kv, const pending *p, int *found)
     size_t s = p->hash & kv->mask, reuse = SIZE_MAX;
     unsigned kflag = p->flags & WS_KEY_STR;
     for (;;) {
-        uint32_t v = kv->slots[s];
+        uint64_t v = kv->slots[s];
         if (v == SLOT_EMPTY) {
             *found = 0;
             return reuse != SIZE_MAX ? reuse : s;
@@ -193,9 +275,9 @@ static size_t lookup(const ws_kv *kv, const pending *p, int *found)
         if (v == SLOT_DUMMY) {
             if (reuse == SIZE_MAX)
                 reuse = s;
-        } else {
-            const entry *e = &kv->entries[v - SLOT_BASE];
-            if (e->hash == p->hash && e->klen == p->klen && (unsigned)(e->flags & WS_KEY_STR) == kflag &&
+        } else if ((uint32_t)(v >> 32) == p->hash) {
+            const entry *e = &kv->entries[slot_entry(v)];
+            if (e->klen == p->klen && (unsigned)(e->flags & WS_KEY_STR) == kflag &&
                 memcmp(e->key, p->key, p->klen) == 0) {
                 *found = 1;
                 return s;
@@ -211,7 +293,7 @@ static int put(ws_kv *kv, const pending *p)
     size_t s = lookup(kv, p, &found);
     entry *e;
     if (found) {
-        e = &kv->entries[kv->slots[s] - SLOT_BASE];
+        e = &kv->entries[slot_entry(kv->slots[s])];
         e->key = p->key; /* equal bytes; its value follows it */
         e->vlen = p->vlen;
         e->flags = p->flags;
@@ -232,7 +314,7 @@ static int put(ws_kv *kv, const pending *p)
     e->hash = p->hash;
     e->flags = p->flags;
     e->live = 1;
-    kv->slots[s] = (uint32_t)(kv->n_entries + SLOT_BASE);
+    kv->slots[s] = make_slot(p->hash, kv->n_entries);
     kv->n_entries++;
     kv->n_live++;
     return WS_KV_OK;
@@ -244,7 +326,7 @@ static void del_key(ws_kv *kv, const pending *p)
     size_t s = lookup(kv, p, &found);
     if (!found)
         return;
-    kv->entries[kv->slots[s] - SLOT_BASE].live = 0;
+    kv->entries[slot_entry(kv->slots[s])].live = 0;
     kv->slots[s] = SLOT_DUMMY;
     kv->n_live--;
 }
@@ -305,20 +387,33 @@ static int next_op(decoder *d, pending *out)
     return 1;
 }
 
-/* Stage 2: the slot is (likely) cached; prefetch the entry it names. */
-static void prefetch_entry(const ws_kv *kv, const pending *p)
+#define PROBE_AHEAD 8 /* slots a prefetch stage looks at for a matching hash */
+
+/* Stage 2: the slots are (likely) cached; note the entry of the first slot with
+ * the same hash (if any, within PROBE_AHEAD slots) and prefetch it. */
+static void prefetch_entry(const ws_kv *kv, pending *p)
 {
-    uint32_t v = kv->slots[p->hash & kv->mask];
-    if (v >= SLOT_BASE && v - SLOT_BASE < kv->n_entries)
-        PREFETCH(&kv->entries[v - SLOT_BASE]);
+    size_t s = p->hash & kv->mask;
+    p->cand = SIZE_MAX;
+    for (int i = 0; i < PROBE_AHEAD; i++, s = (s + 1) & kv->mask) {
+        uint64_t v = kv->slots[s];
+        if (v == SLOT_EMPTY)
+            return;
+        if ((uint32_t)v >= SLOT_BASE && (uint32_t)(v >> 32) == p->hash) {
+            p->cand = slot_entry(v);
+            if (p->cand < kv->n_entries)
+                PREFETCH(&kv->entries[p->cand]);
+            return;
+        }
+    }
 }
 
-/* Stage 3: the entry is (likely) cached; prefetch its stored key for the comparison. */
+/* Stage 3: the entry is (likely) cached; prefetch its stored key for the comparison.
+ * The table may have changed since stage 2 (even been rebuilt): a hint only. */
 static void prefetch_key(const ws_kv *kv, const pending *p)
 {
-    uint32_t v = kv->slots[p->hash & kv->mask];
-    if (v >= SLOT_BASE && v - SLOT_BASE < kv->n_entries && kv->entries[v - SLOT_BASE].hash == p->hash)
-        PREFETCH(kv->entries[v - SLOT_BASE].key);
+    if (p->cand < kv->n_entries)
+        PREFETCH(kv->entries[p->cand].key);
 }
 
 int ws_kv_apply_range(ws_kv *kv, const uint8_t *buf, size_t size, size_t start, size_t end,
@@ -348,6 +443,7 @@ int ws_kv_apply_range(ws_kv *kv, const uint8_t *buf, size_t size, size_t start, 
                 break;
             }
             p->hash = hash_key(kv->seed, p->key, p->klen, p->flags & WS_KEY_STR);
+            p->cand = SIZE_MAX;
             PREFETCH(&kv->slots[p->hash & kv->mask]);
             n++;
         }
@@ -476,4 +572,22 @@ int64_t ws_kv_snapshot_chunk(const ws_kv *kv, uint64_t *cursor, uint64_t chunk_b
     }
     *cursor = i;
     return (int64_t)at;
+}
+
+size_t ws_kv_items(const ws_kv *kv, uint64_t *cursor, ws_kv_item *out, size_t cap)
+{
+    size_t i = *cursor < kv->n_entries ? (size_t)*cursor : kv->n_entries, n = 0;
+    for (; i < kv->n_entries && n < cap; i++) {
+        const entry *e = &kv->entries[i];
+        if (!e->live)
+            continue;
+        out[n].key = e->key;
+        out[n].entry = i;
+        out[n].klen = e->klen;
+        out[n].vlen = e->vlen;
+        out[n].flags = e->flags;
+        n++;
+    }
+    *cursor = i;
+    return n;
 }

@@ -50,6 +50,21 @@ void ws_kv_export_sizes(const ws_kv *kv, uint64_t *blob_bytes, uint64_t *runs);
  * number of runs written, or -1 if blob_size or runs_cap is too small. */
 int64_t ws_kv_export(const ws_kv *kv, uint8_t *blob, size_t blob_size, uint64_t *runs, size_t runs_cap);
 
+/* One surviving key for ws_kv_items. */
+typedef struct {
+    const uint8_t *key; /* klen bytes; the value's vlen bytes follow at key + klen */
+    uint64_t entry;     /* its entry number: a cursor that starts at this key */
+    uint32_t klen;
+    uint32_t vlen;
+    uint8_t flags; /* op flags of its last PUT: key-is-str bit, value kind */
+} ws_kv_item;
+
+/* Up to `cap` surviving keys, in dict order, from entry *cursor on (start at
+ * 0), into out; advances *cursor past the last one. Returns how many; 0 when
+ * none is left. The pointers are into the buffers given to ws_kv_apply_range,
+ * which must still be alive; calls nothing else. */
+size_t ws_kv_items(const ws_kv *kv, uint64_t *cursor, ws_kv_item *out, size_t cap);
+
 /* Snapshot payloads: the surviving keys as PUT operations (docs/FORMAT.md: the
  * 12-byte op header with the flags of the key's last PUT, then key, then value),
  * in dict order, cut into payloads of at most chunk_bytes; an operation longer

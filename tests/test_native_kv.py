@@ -119,6 +119,17 @@ def test_many_keys_grow_and_shrink(native: Any) -> None:
     assert replay_both(native, [(log, 0, len(log))])[0] == "ok"
 
 
+def test_large_table(native: Any) -> None:
+    """400,000 keys: the slot and entry tables pass 4 MiB and are mapped on their own (2 MiB pages)."""
+    n = 400_000
+    ops = [fmt.encode_op(PUT, 0, b"%07d" % i, b"%d" % (i % 97)) for i in range(n)]
+    ops += [fmt.encode_op(DELETE, 0, b"%07d" % i) for i in range(0, n, 5)]
+    ops += [fmt.encode_op(PUT, 0, b"%07d" % i, b"again") for i in range(0, n, 10)]
+    log = frame(fmt.REC_COMMIT, 1, 0, b"".join(ops))
+    status, items = replay_both(native, [(log, 0, len(log))])
+    assert status == "ok" and len(items) == n - n // 5 + n // 10
+
+
 def test_call_is_an_error_and_poisons(native: Any) -> None:
     log = ops_log(fmt.encode_op(PUT, 0, b"a", b"1"), fmt.encode_op(CALL, 0, b"app.add", b"[1]"))
     for r in (PyKVReplayer(), native.KVReplayer()):

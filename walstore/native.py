@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -44,6 +45,9 @@ _U64 = 1 << 64
 _U32 = 1 << 32
 _RUN = 5  # WS_KV_RUN_FIELDS: blob offset, count, key length, value length, op flags
 _ITER_UNPACK_MIN = 4  # runs at least this long are split by struct.iter_unpack
+_DICT_IN_C = sys.implementation.name == "cpython"  # ws_kv_build_dict takes id() as an address
+_DICT_CHUNK = 1 << 16  # keys per ws_kv_build_dict call: the GIL is free between calls
+_ITEMS = 256  # keys per ws_kv_items call in the Python loop
 
 
 def backend() -> str:
@@ -225,6 +229,52 @@ class KVReplayer:
         return SnapshotFrames(kv, buffers, seq, chunk)
 
     def _build(self, decode: Callable[[bytes], Any]) -> dict[Any, Any]:
+        """The dict made in C (CPython only; elsewhere `_build_blob`), codec values decoded here.
+
+        C makes the keys and the bytes and str values and inserts them in dict
+        order; a codec value goes in raw and its key on a list, decoded after.
+        Where C fails (out of memory, bad UTF-8) the listed codec values, all of
+        keys before that one, are decoded first, then Python does the rest with
+        the reference's code. So decode is called once per codec value, in dict
+        order, and the same exception is raised as by PyKVReplayer.
+        """
+        if not _DICT_IN_C:
+            return self._build_blob(decode)
+        out: dict[Any, Any] = {}
+        codec_keys: list[Any] = []
+        cursor = _ffi.new("uint64_t *")
+        build = _lib.ws_kv_build_dict
+        while True:
+            rc = build(self._kv, id(out), id(codec_keys), cursor, _DICT_CHUNK)
+            if rc != _lib.WS_KV_DICT_MORE:
+                break
+        if rc == _lib.WS_KV_DICT_UNSUPPORTED:  # pragma: no cover - checked by _DICT_IN_C
+            return self._build_blob(decode)
+        for key in codec_keys:
+            out[key] = decode(out[key])
+        if rc == _lib.WS_KV_DICT_FAILED:
+            self._build_from(int(cursor[0]), out, decode)
+        return out
+
+    def _build_from(self, entry: int, out: dict[Any, Any], decode: Callable[[bytes], Any]) -> None:
+        """Insert the keys from entry number `entry` on into `out`, in Python (PyKVReplayer.finish's code)."""
+        cursor = _ffi.new("uint64_t *", entry)
+        items = _ffi.new("ws_kv_item[]", _ITEMS)
+        while n := _lib.ws_kv_items(self._kv, cursor, items, _ITEMS):
+            for it in items[0:n]:
+                kb = _ffi.buffer(it.key, it.klen)[:]
+                vb = _ffi.buffer(it.key + it.klen, it.vlen)[:]
+                key = kb.decode("utf-8") if it.flags & fmt.KEY_STR else kb
+                kind = it.flags & fmt.VALUE_KIND_MASK
+                if kind == VALUE_STR_FLAG:
+                    out[key] = vb.decode("utf-8")
+                elif kind == VALUE_CODEC_FLAG:
+                    out[key] = decode(vb)
+                else:
+                    out[key] = vb
+
+    def _build_blob(self, decode: Callable[[bytes], Any]) -> dict[Any, Any]:
+        """The dict made in Python from one exported copy of the keys and values."""
         sizes = _ffi.new("uint64_t[2]")
         _lib.ws_kv_export_sizes(self._kv, sizes, sizes + 1)
         blob_size, n_runs = int(sizes[0]), int(sizes[1])

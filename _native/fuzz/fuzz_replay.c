@@ -48,6 +48,29 @@ static void fix_crcs(uint8_t *buf, size_t size, size_t off)
 /* Snapshot payloads of the table, chunk_bytes each: every one a whole number of PUT ops,
  * within chunk_bytes or a single op; their keys and values, in order, are exactly `blob`
  * (the export), so every surviving key appears once. */
+/* ws_kv_items, a few at a time, walks the same keys and values as the export blob. */
+static void items_match(const ws_kv *kv, const uint8_t *blob, uint64_t blob_bytes)
+{
+    ws_kv_item items[3];
+    uint64_t cursor = 0, at = 0, count = 0, last = 0;
+    size_t n;
+    while ((n = ws_kv_items(kv, &cursor, items, 3)) > 0) {
+        CHECK(n <= 3);
+        for (size_t i = 0; i < n; i++) {
+            uint64_t len = (uint64_t)items[i].klen + items[i].vlen;
+            CHECK(len <= blob_bytes - at);
+            CHECK(len == 0 || memcmp(items[i].key, blob + at, (size_t)len) == 0);
+            CHECK(count == 0 || items[i].entry > last);
+            CHECK(items[i].entry < cursor);
+            last = items[i].entry;
+            at += len;
+            count++;
+        }
+    }
+    CHECK(count == ws_kv_len(kv) && at == blob_bytes);
+    CHECK(ws_kv_items(kv, &cursor, items, 3) == 0);
+}
+
 static void snapshot_payloads(const ws_kv *kv, const uint8_t *blob, uint64_t blob_bytes, uint64_t chunk_bytes)
 {
     uint64_t cursor = 0, need = 0, want, seen = 0, ops = 0;
@@ -127,6 +150,7 @@ static void replay(const uint8_t *buf, size_t size, size_t start, size_t end, ui
         if (runs)
             CHECK(ws_kv_export(kv, blob, blob_bytes, table, runs - 1) == -1);
         snapshot_payloads(kv, blob, blob_bytes, chunk_bytes);
+        items_match(kv, blob, blob_bytes);
     }
     free(blob);
     free(table);

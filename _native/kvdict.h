@@ -1,0 +1,30 @@
+/* The replayed state as a Python dict, built in C with the CPython C API.
+ *
+ * Only for the cffi module (it needs Python.h): the fuzz harness and the
+ * plain-C compiles leave it out.
+ */
+#ifndef WALSTORE_KVDICT_H
+#define WALSTORE_KVDICT_H
+
+#include <stdint.h>
+
+#include "kvreplay.h"
+
+#define WS_KV_DICT_DONE 0        /* every surviving key from *cursor on is in the dict */
+#define WS_KV_DICT_MORE 1        /* `limit` keys done; call again from *cursor */
+#define WS_KV_DICT_FAILED 2      /* making or inserting the key at *cursor failed; no exception is left set */
+#define WS_KV_DICT_UNSUPPORTED 3 /* not CPython, or not a dict and a list: nothing done */
+
+/* Insert up to `limit` surviving keys, in dict order from entry *cursor on,
+ * into `dict` (a dict), advancing *cursor. `dict` and `codec_keys` are the
+ * addresses of a dict and a list the caller holds references to (CPython's
+ * id()); the GIL must NOT be held (cffi releases it), this takes it. A key is
+ * str (strict UTF-8) when its key-is-str flag is set, else bytes; a value is
+ * str for kind 1, else bytes; for kind 2 (codec) the raw bytes are inserted
+ * and the key is appended to `codec_keys`, for the caller to decode. Each
+ * reference made is released or owned by the dict or list. On FAILED the
+ * keys before *cursor are in the dict, the one at *cursor maybe (the caller
+ * redoes it), and the exception has been cleared. */
+int ws_kv_build_dict(const ws_kv *kv, uintptr_t dict, uintptr_t codec_keys, uint64_t *cursor, uint64_t limit);
+
+#endif /* WALSTORE_KVDICT_H */
