@@ -68,6 +68,18 @@ def _os_error(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
 
+def _c_field(get: str, put: str, doc: str) -> Any:
+    """A property of NativeLogWriter kept in the C log: `get(log)` reads it, `put(log, v)` sets it."""
+
+    def fget(self: NativeLogWriter) -> int:
+        return int(getattr(_lib, get)(self._log))
+
+    def fset(self: NativeLogWriter, value: int) -> None:
+        getattr(_lib, put)(self._log, value)
+
+    return property(fget, fset, doc=doc)
+
+
 class NativeLogWriter(LogWriter):
     """`LogWriter` whose commits, syncs and waits run in C; see the module docstring."""
 
@@ -92,21 +104,10 @@ class NativeLogWriter(LogWriter):
 
     # ---- state kept in C -------------------------------------------------------
 
-    @property
-    def _last_seq(self) -> int:
-        return int(_lib.ws_log_last_seq(self._log))
-
-    @_last_seq.setter
-    def _last_seq(self, seq: int) -> None:
-        _lib.ws_log_set_last_seq(self._log, seq)
-
-    @property
-    def log_bytes(self) -> int:
-        return int(_lib.ws_log_log_bytes(self._log))
-
-    @log_bytes.setter
-    def log_bytes(self, n: int) -> None:
-        _lib.ws_log_set_log_bytes(self._log, n)
+    _last_seq = _c_field("ws_log_last_seq", "ws_log_set_last_seq", "the last seq assigned (C assigns it)")
+    log_bytes = _c_field("ws_log_log_bytes", "ws_log_set_log_bytes", "bytes of records since the last seal")
+    _written_seq = _c_field("ws_log_written", "ws_log_publish", "every record up to it is written")
+    _durable_seq = _c_field("ws_log_durable", "ws_log_mark_durable", "every record up to it is durable")
 
     @property
     def _seg(self) -> ActiveSegment:
@@ -118,22 +119,6 @@ class NativeLogWriter(LogWriter):
     @_seg.setter
     def _seg(self, seg: ActiveSegment) -> None:
         self._active = seg  # `_attach` gives C its offset
-
-    @property
-    def _written_seq(self) -> int:
-        return int(_lib.ws_log_written(self._log))
-
-    @_written_seq.setter
-    def _written_seq(self, seq: int) -> None:
-        _lib.ws_log_publish(self._log, seq)
-
-    @property
-    def _durable_seq(self) -> int:
-        return int(_lib.ws_log_durable(self._log))
-
-    @_durable_seq.setter
-    def _durable_seq(self, seq: int) -> None:
-        _lib.ws_log_mark_durable(self._log, seq)
 
     @property
     def fsyncs(self) -> int:
