@@ -11,7 +11,9 @@
  * the result's offsets are in range, every record the scanner accepts
  * replays without a framing or operation error, and the snapshot payloads
  * are whole PUT ops within the chunk size (or one op alone) whose keys and
- * values are exactly the export's, in order.
+ * values are exactly the export's, in order; the snapshot records framed in C
+ * (ws_snapshot_frames) carry exactly those payloads, each with a correct
+ * header, zero padding and CRC32C.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -21,6 +23,7 @@
 #include "kvreplay.h"
 #include "le.h"
 #include "scan.h"
+#include "snapshot.h"
 #include "walstore_format.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -121,6 +124,79 @@ static void snapshot_payloads(const ws_kv *kv, const uint8_t *blob, uint64_t blo
     CHECK(ops == ws_kv_len(kv) && seen == blob_bytes);
 }
 
+/* Next payload of ws_kv_snapshot_chunk into *out (grown as needed); its size, or 0 at the end. */
+static int64_t next_payload(const ws_kv *kv, uint64_t *cursor, uint64_t chunk_bytes, uint8_t **out, size_t *cap)
+{
+    uint64_t need = 0;
+    int64_t n = ws_kv_snapshot_chunk(kv, cursor, chunk_bytes, *out, *cap, &need);
+    if (n == -1) {
+        uint8_t *p = realloc(*out, (size_t)need);
+        if (!p)
+            return -2;
+        *out = p;
+        *cap = (size_t)need;
+        n = ws_kv_snapshot_chunk(kv, cursor, chunk_bytes, *out, *cap, &need);
+    }
+    return n;
+}
+
+/* ws_snapshot_frames, through buffers of varying room: every frame is a well-formed
+ * SNAPSHOT_DATA record (length, type, zero reserved fields, seq, padding, CRC32C)
+ * whose payload is the next payload of ws_kv_snapshot_chunk, and the records end
+ * with the payloads. */
+static void snapshot_frames(const ws_kv *kv, uint64_t chunk_bytes, uint64_t seq, size_t extra)
+{
+    uint64_t fcursor = 0, pcursor = 0, records = 0, need = 0, total = 0;
+    size_t room = WS_FRAME_HEADER_SIZE + (size_t)WS_PADDED(chunk_bytes) + extra;
+    size_t pcap = (size_t)chunk_bytes;
+    uint8_t *out = malloc(room), *payload = malloc(pcap);
+    if (!out || !payload)
+        goto done;
+    CHECK(ws_snapshot_frames(kv, &fcursor, chunk_bytes, seq, out, room - extra - 1, &records, &need) == -2);
+    for (;;) {
+        int64_t n = ws_snapshot_frames(kv, &fcursor, chunk_bytes, seq, out, room, &records, &need);
+        size_t pos = 0;
+        if (n == -1) { /* one op over chunk_bytes whose record does not fit: grow to `need` */
+            uint8_t *p;
+            CHECK(need > room);
+            p = realloc(out, (size_t)need);
+            if (!p)
+                goto done;
+            out = p;
+            room = (size_t)need;
+            continue;
+        }
+        CHECK(n >= 0 && n % 8 == 0 && (size_t)n <= room);
+        if (n == 0)
+            break;
+        while (pos < (size_t)n) {
+            const uint8_t *f = out + pos;
+            uint64_t len, padded;
+            int64_t plen;
+            CHECK((size_t)n - pos >= WS_FRAME_HEADER_SIZE);
+            len = ws_le32(f + 4);
+            padded = WS_PADDED(len);
+            CHECK(padded <= (size_t)n - pos - WS_FRAME_HEADER_SIZE);
+            CHECK(f[8] == WS_REC_SNAPSHOT_DATA && f[9] == 0 && ws_le16(f + 10) == 0 && ws_le32(f + 12) == 0);
+            CHECK(ws_le64(f + 16) == seq && ws_le64(f + 24) == seq);
+            CHECK(ws_le32(f) == ws_crc32c(0, f + 4, (size_t)(WS_FRAME_HEADER_SIZE - 4 + padded)));
+            for (uint64_t i = len; i < padded; i++)
+                CHECK(f[WS_FRAME_HEADER_SIZE + i] == 0);
+            plen = next_payload(kv, &pcursor, chunk_bytes, &payload, &pcap);
+            if (plen == -2)
+                goto done;
+            CHECK(plen > 0 && (uint64_t)plen == len && memcmp(f + WS_FRAME_HEADER_SIZE, payload, (size_t)len) == 0);
+            pos += WS_FRAME_HEADER_SIZE + (size_t)padded;
+            total++;
+        }
+    }
+    CHECK(next_payload(kv, &pcursor, chunk_bytes, &payload, &pcap) == 0);
+    CHECK(records == total);
+done:
+    free(out);
+    free(payload);
+}
+
 static void replay(const uint8_t *buf, size_t size, size_t start, size_t end, uint64_t seed, int scanned,
                    uint32_t mask, uint64_t chunk_bytes)
 {
@@ -150,6 +226,7 @@ static void replay(const uint8_t *buf, size_t size, size_t start, size_t end, ui
         if (runs)
             CHECK(ws_kv_export(kv, blob, blob_bytes, table, runs - 1) == -1);
         snapshot_payloads(kv, blob, blob_bytes, chunk_bytes);
+        snapshot_frames(kv, chunk_bytes, seed * 7 + 1, (size_t)(seed % 3) * 40);
         items_match(kv, blob, blob_bytes);
     }
     free(blob);
