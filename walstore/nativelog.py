@@ -158,8 +158,14 @@ class NativeLogWriter(LogWriter):
             self._threshold_reached()
 
     def _write(self, frame: bytes) -> None:
-        super()._write(frame)  # at, and moving, the offset `_seg` read from C
-        _lib.ws_log_set_offset(self._log, self._active.offset)
+        """(Lock held.) The reference write at the offset read from C; C's offset moves past it.
+
+        The new offset is computed here, not read back from the segment object: a
+        lock-free reader of `segment` may refresh that object's offset meanwhile.
+        """
+        start = int(_lib.ws_log_offset(self._log))
+        super()._write(frame)
+        _lib.ws_log_set_offset(self._log, start + len(frame))
 
     def _detach(self, seg: ActiveSegment) -> None:
         _lib.ws_log_set_segment(self._log, -1, 0)
