@@ -99,6 +99,7 @@ uint64_t ws_log_log_bytes(ws_log *log);
 void ws_log_set_log_bytes(ws_log *log, uint64_t n);
 void ws_log_set_notify(ws_log *log, uint64_t offset, uint64_t log_bytes);
 int ws_log_wait(ws_log *log, uint64_t seq);
+int ws_log_yield(ws_log *log, uint32_t max_us);
 void ws_log_pause(ws_log *log);
 void ws_log_resume(ws_log *log);
 void ws_log_publish(ws_log *log, uint64_t seq);

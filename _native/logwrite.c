@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/types.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "crc32c.h"
@@ -22,6 +23,8 @@ struct ws_log {
     pthread_mutex_t mu;
     pthread_cond_t done[2]; /* waiters for sync generation g sleep on done[g & 1] */
     pthread_cond_t cv;      /* pausers wait here for a running sync to end */
+    pthread_cond_t idle_cv; /* (CLOCK_MONOTONIC) ws_log_yield waits here for a sync to end */
+    int waiters;            /* under mu: committers inside ws_log_wait */
     uint64_t written;       /* atomic: highest seq whose frame (and every earlier one) is written */
     uint64_t durable;       /* atomic, stored under mu: highest seq on stable storage */
     uint64_t fsyncs;        /* under mu */
@@ -52,6 +55,7 @@ static void wake_all(ws_log *log)
     pthread_cond_broadcast(&log->done[0]);
     pthread_cond_broadcast(&log->done[1]);
     pthread_cond_broadcast(&log->cv);
+    pthread_cond_broadcast(&log->idle_cv);
 }
 
 static inline void put32(uint8_t *p, uint32_t v)
@@ -79,7 +83,14 @@ ws_log *ws_log_new(uint64_t last_seq)
         free(log);
         return NULL;
     }
-    if (pthread_cond_init(&log->cv, NULL) != 0 || pthread_cond_init(&log->done[0], NULL) != 0 ||
+    pthread_condattr_t mono;
+    int mono_ok = pthread_condattr_init(&mono) == 0;
+    if (mono_ok)
+        pthread_condattr_setclock(&mono, CLOCK_MONOTONIC);
+    int idle_ok = pthread_cond_init(&log->idle_cv, mono_ok ? &mono : NULL) == 0;
+    if (mono_ok)
+        pthread_condattr_destroy(&mono);
+    if (!idle_ok || pthread_cond_init(&log->cv, NULL) != 0 || pthread_cond_init(&log->done[0], NULL) != 0 ||
         pthread_cond_init(&log->done[1], NULL) != 0) {
         pthread_mutex_destroy(&log->mu);
         free(log);
@@ -111,6 +122,7 @@ void ws_log_free(ws_log *log)
     unmap(log);
     free(log->scratch);
     pthread_cond_destroy(&log->cv);
+    pthread_cond_destroy(&log->idle_cv);
     pthread_cond_destroy(&log->done[0]);
     pthread_cond_destroy(&log->done[1]);
     pthread_mutex_destroy(&log->mu);
@@ -320,6 +332,7 @@ int ws_log_wait(ws_log *log, uint64_t seq)
     if (__atomic_load_n(&log->durable, __ATOMIC_ACQUIRE) >= seq)
         return 0;
     pthread_mutex_lock(&log->mu);
+    log->waiters++;
     for (;;) {
         if (log->durable >= seq) {
             rc = 0;
@@ -369,10 +382,34 @@ int ws_log_wait(ws_log *log, uint64_t seq)
             pthread_cond_broadcast(&log->done[gen & 1]);
             pthread_cond_signal(&log->done[(gen + 1) & 1]);
             pthread_cond_broadcast(&log->cv);
+            pthread_cond_broadcast(&log->idle_cv);
         }
     }
+    if (--log->waiters == 0)
+        pthread_cond_broadcast(&log->idle_cv);
     pthread_mutex_unlock(&log->mu);
     return rc;
+}
+
+int ws_log_yield(ws_log *log, uint32_t max_us)
+{
+    struct timespec until;
+    int waited = 0;
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    until.tv_sec += max_us / 1000000u;
+    until.tv_nsec += (long)(max_us % 1000000u) * 1000L;
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&log->mu);
+    while ((log->syncing || log->waiters > 0) && !log->closed && !log->error && !log->paused) {
+        waited = 1;
+        if (pthread_cond_timedwait(&log->idle_cv, &log->mu, &until) == ETIMEDOUT)
+            break;
+    }
+    pthread_mutex_unlock(&log->mu);
+    return waited;
 }
 
 void ws_log_pause(ws_log *log)

@@ -72,6 +72,11 @@ void ws_log_set_notify(ws_log *log, uint64_t offset, uint64_t log_bytes);
 /* 0 once `seq` is durable; -errno of a failed fdatasync; WS_LOG_CLOSED. */
 int ws_log_wait(ws_log *log, uint64_t seq);
 
+/* For a background writer sharing the disk (a snapshot): wait, at most max_us, while
+ * a commit's fdatasync runs or committers wait for one, so that a commit queues
+ * behind at most one of its writes. 1 if it waited. */
+int ws_log_yield(ws_log *log, uint32_t max_us);
+
 /* No new sync starts until resumed; returns once the running one has ended. Nests. */
 void ws_log_pause(ws_log *log);
 void ws_log_resume(ws_log *log);

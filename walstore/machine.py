@@ -792,7 +792,10 @@ class MachineStore(DurableStore, Generic[S]):
         # none modes): the snapshot must never claim a state the durable log has not reached, or
         # after a power loss the writer would continue that segment at the wrong sequence number.
         core.wait_durable(seq)
-        info = snapshot.write_snapshot(core.fs, self.path, core.identity.store_id, seq, _blob_payloads(kind, blob))
+        info = snapshot.write_snapshot(
+            core.fs, self.path, core.identity.store_id, seq, _blob_payloads(kind, blob),
+            yield_to=self._writer.yield_to_commits,  # commits' syncs go before each snapshot write
+        )
         del blob
         snapshot.remove_covered(core.fs, self.path, seq, self._keep_snapshots)
         return info

@@ -62,6 +62,8 @@ _LAZY = {SYNC: 0, INTERVAL: 1, NONE: 1}
 
 
 _NO_LIMIT = (1 << 64) - 1
+_YIELD_MAX_US = 2000
+"""The longest a background writer's write waits for commits' syncs (so it always progresses)."""
 
 
 def _os_error(code: int) -> OSError:
@@ -148,6 +150,9 @@ class NativeLogWriter(LogWriter):
     def set_compact_at(self, log_bytes: float) -> None:
         self.compact_at = log_bytes
         self._arm_notify()
+
+    def yield_to_commits(self) -> None:
+        _lib.ws_log_yield(self._log, _YIELD_MAX_US)
 
     def _notified(self) -> None:
         """(Lock not held.) A C append crossed a notify threshold."""

@@ -26,7 +26,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
@@ -217,6 +217,7 @@ def write_snapshot(
     seq: int,
     payloads: Any,
     ops: Optional[int] = None,
+    yield_to: Optional[Callable[[], object]] = None,
 ) -> SnapshotInfo:
     """Write `snap-<seq>.snap` atomically from SNAPSHOT_DATA payloads (an iterable of bytes)
     or from a FrameSource (whole records, e.g. `kv_source`'s).
@@ -226,6 +227,7 @@ def write_snapshot(
     (DiskFullError for a full disk) is raised; the store is as it was. `ops`,
     when the caller knows it, saves counting the operations (required with a
     FrameSource). The source is closed when this returns or raises.
+    `yield_to`, called before each write, lets concurrent commits' syncs go first.
     """
     started = time.perf_counter()
     source: Any
@@ -239,7 +241,7 @@ def write_snapshot(
     final = os.path.join(directory, fmt.snapshot_name(seq))
     tmp = final + fmt.TMP_SUFFIX
     t: dict[str, float] = {"fill": 0.0, "write": 0.0, "sync": 0.0, "writes": 0.0}
-    out = _Out(fs, tmp, t)
+    out = _Out(fs, tmp, t, yield_to)
     try:
         try:
             header = fmt.FileHeader(fmt.KIND_SNAPSHOT, store_id, seq).encode()
@@ -401,10 +403,13 @@ def _round_up(n: int, align: int) -> int:
 class _Out:
     """The temp file being written: aligned writes (O_DIRECT when it works), write-behind syncs."""
 
-    def __init__(self, fs: OSFileAPI, path: str, t: dict[str, float]) -> None:
+    def __init__(
+        self, fs: OSFileAPI, path: str, t: dict[str, float], yield_to: Optional[Callable[[], object]] = None
+    ) -> None:
         self.fs = fs
         self.path = path
         self.t = t
+        self.yield_to = yield_to
         self.fd = -1
         self.direct = False
         self.offset = 0  # file offset of the next write
@@ -461,6 +466,8 @@ class _Out:
             done = 0
             while done < n:
                 piece = min(self.piece, n - done)
+                if self.yield_to is not None:
+                    self.yield_to()
                 t = time.perf_counter()
                 self._pwrite(mv[done : done + piece])
                 self._adapt(piece, time.perf_counter() - t)

@@ -230,7 +230,8 @@ class Store(DurableStore, MutableMapping[Key, Any]):
         live = len(replayer)  # one PUT per surviving key: no need to count them again
         payloads = snapshot.kv_source(replayer, seq)  # records framed in C when the replayer can
         try:
-            info = snapshot.write_snapshot(core.fs, self.path, core.identity.store_id, seq, payloads, ops=live)
+            turn = self._writer.yield_to_commits  # commits' syncs go before each snapshot write
+            info = snapshot.write_snapshot(core.fs, self.path, core.identity.store_id, seq, payloads, live, turn)
         finally:
             payloads.close()
             for buf in buffers:

@@ -282,6 +282,11 @@ class LogWriter:
             self._threshold_reached()
         return seq
 
+    def yield_to_commits(self) -> None:
+        """For a background writer sharing the disk (a snapshot), before each of its writes:
+        let a commit's running or imminent fdatasync go first (the C writer waits a little;
+        the pure-Python one does not wait)."""
+
     def set_compact_at(self, log_bytes: float) -> None:
         """Call `on_threshold` after commits that leave more than `log_bytes` since the last seal."""
         self.compact_at = log_bytes
