@@ -99,7 +99,9 @@ uint64_t ws_log_log_bytes(ws_log *log);
 void ws_log_set_log_bytes(ws_log *log, uint64_t n);
 void ws_log_set_notify(ws_log *log, uint64_t offset, uint64_t log_bytes);
 int ws_log_wait(ws_log *log, uint64_t seq);
-int ws_log_yield(ws_log *log, uint32_t max_us);
+int ws_log_gap(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us);
+int64_t ws_log_burst(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us, int fd, const uint8_t *buf,
+                     size_t len, uint64_t offset);
 void ws_log_pause(ws_log *log);
 void ws_log_resume(ws_log *log);
 void ws_log_publish(ws_log *log, uint64_t seq);

@@ -23,8 +23,10 @@ struct ws_log {
     pthread_mutex_t mu;
     pthread_cond_t done[2]; /* waiters for sync generation g sleep on done[g & 1] */
     pthread_cond_t cv;      /* pausers wait here for a running sync to end */
-    pthread_cond_t idle_cv; /* (CLOCK_MONOTONIC) ws_log_yield waits here for a sync to end */
+    pthread_cond_t idle_cv; /* (CLOCK_MONOTONIC) ws_log_gap waits here for syncs to start and end */
     int waiters;            /* under mu: committers inside ws_log_wait */
+    int gappers;            /* under mu: background writers inside ws_log_gap */
+    uint64_t burst_fsyncs;  /* under mu: fsyncs when the last ws_log_burst ended */
     uint64_t written;       /* atomic: highest seq whose frame (and every earlier one) is written */
     uint64_t durable;       /* atomic, stored under mu: highest seq on stable storage */
     uint64_t fsyncs;        /* under mu */
@@ -361,6 +363,8 @@ int ws_log_wait(ws_log *log, uint64_t seq)
         uint64_t gen = ++log->sync_gen;
         uint64_t target = __atomic_load_n(&log->written, __ATOMIC_ACQUIRE);
         log->sync_target = target;
+        if (log->gappers)
+            pthread_cond_broadcast(&log->idle_cv); /* a burst may start behind this sync */
         int fd = log->fd;
         int injected = log->inject_sync;
         log->inject_sync = 0;
@@ -391,25 +395,91 @@ int ws_log_wait(ws_log *log, uint64_t seq)
     return rc;
 }
 
-int ws_log_yield(ws_log *log, uint32_t max_us)
+static void deadline_after(struct timespec *t, uint64_t us)
 {
-    struct timespec until;
-    int waited = 0;
-    clock_gettime(CLOCK_MONOTONIC, &until);
-    until.tv_sec += max_us / 1000000u;
-    until.tv_nsec += (long)(max_us % 1000000u) * 1000L;
-    if (until.tv_nsec >= 1000000000L) {
-        until.tv_sec++;
-        until.tv_nsec -= 1000000000L;
+    clock_gettime(CLOCK_MONOTONIC, t);
+    t->tv_sec += (time_t)(us / 1000000u);
+    t->tv_nsec += (long)(us % 1000000u) * 1000L;
+    if (t->tv_nsec >= 1000000000L) {
+        t->tv_sec++;
+        t->tv_nsec -= 1000000000L;
     }
+}
+
+/* ws_log_gap counting the syncs since `*since` (the current count if NULL). */
+static int gap(ws_log *log, const uint64_t *since, uint32_t syncs, uint32_t idle_us, uint32_t max_us)
+{
+    struct timespec until, quiet;
+    uint64_t start, seen;
+    int rc = 0, enough = 0;
+    deadline_after(&until, max_us);
     pthread_mutex_lock(&log->mu);
-    while ((log->syncing || log->waiters > 0) && !log->closed && !log->error && !log->paused) {
-        waited = 1;
-        if (pthread_cond_timedwait(&log->idle_cv, &log->mu, &until) == ETIMEDOUT)
+    log->gappers++;
+    seen = log->fsyncs;
+    start = since ? *since : seen;
+    deadline_after(&quiet, idle_us);
+    while (!log->closed && !log->error && !log->paused) {
+        if (!enough && log->fsyncs - start >= syncs) {
+            enough = 1; /* now wait for the next commit's sync to start, or idle_us */
+            deadline_after(&quiet, idle_us);
+        }
+        if (enough && log->syncing) {
+            rc = 1; /* a commit's sync runs: the burst goes now, and that commit alone waits for it */
             break;
+        }
+        if (!enough && (log->fsyncs != seen || log->syncing || log->waiters > 0)) {
+            seen = log->fsyncs; /* commits are running: the quiet period starts over */
+            deadline_after(&quiet, idle_us);
+        }
+        struct timespec *next = (quiet.tv_sec < until.tv_sec ||
+                                 (quiet.tv_sec == until.tv_sec && quiet.tv_nsec < until.tv_nsec))
+                                    ? &quiet
+                                    : &until;
+        if (pthread_cond_timedwait(&log->idle_cv, &log->mu, next) == ETIMEDOUT) {
+            if (next == &until) {
+                rc = 2;
+                break;
+            }
+            if (enough || (log->fsyncs == seen && !log->syncing && log->waiters == 0))
+                break; /* no sync started for idle_us: nobody to make room for */
+        }
     }
+    log->gappers--;
     pthread_mutex_unlock(&log->mu);
-    return waited;
+    return rc;
+}
+
+int ws_log_gap(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us)
+{
+    return gap(log, NULL, syncs, idle_us, max_us);
+}
+
+int64_t ws_log_burst(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us, int fd, const uint8_t *buf,
+                     size_t len, uint64_t offset)
+{
+    struct timespec t0, t1;
+    gap(log, &log->burst_fsyncs, syncs, idle_us, max_us); /* read under mu */
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    while (len > 0) {
+        ssize_t n = pwrite(fd, buf, len, (off_t)offset);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (n == 0)
+            return -EIO;
+        buf += n;
+        len -= (size_t)n;
+        offset += (uint64_t)n;
+    }
+    if (data_sync(fd) != 0)
+        return -errno;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    pthread_mutex_lock(&log->mu);
+    log->burst_fsyncs = log->fsyncs;
+    pthread_mutex_unlock(&log->mu);
+    return (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
 }
 
 void ws_log_pause(ws_log *log)

@@ -72,10 +72,20 @@ void ws_log_set_notify(ws_log *log, uint64_t offset, uint64_t log_bytes);
 /* 0 once `seq` is durable; -errno of a failed fdatasync; WS_LOG_CLOSED. */
 int ws_log_wait(ws_log *log, uint64_t seq);
 
-/* For a background writer sharing the disk (a snapshot): wait, at most max_us, while
- * a commit's fdatasync runs or committers wait for one, so that a commit queues
- * behind at most one of its writes. 1 if it waited. */
-int ws_log_yield(ws_log *log, uint32_t max_us);
+/* For a background writer that writes in bursts (a snapshot), before each burst: wait
+ * until `syncs` commit fdatasyncs have completed since the call and the next one has
+ * started (1: the burst then queues behind that sync, so that one commit alone waits for
+ * it), or max_us passed (2), or no commit synced or waited for idle_us (0: the log is
+ * idle), or the log is closed, failed or paused (0). An idle log costs idle_us. */
+int ws_log_gap(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us);
+
+/* One burst of a background writer: ws_log_gap (counting the commit syncs since the last
+ * burst ended, so time spent preparing this one counts), then pwrite all of buf at offset and
+ * fdatasync fd, with no GIL or Python in between, so the burst starts as a commit's sync
+ * ends and the next commit queues behind this burst only. The nanoseconds the write and
+ * fdatasync took (the wait not counted), or -errno. */
+int64_t ws_log_burst(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us, int fd, const uint8_t *buf,
+                     size_t len, uint64_t offset);
 
 /* No new sync starts until resumed; returns once the running one has ended. Nests. */
 void ws_log_pause(ws_log *log);

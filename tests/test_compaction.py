@@ -157,7 +157,8 @@ def test_failed_snapshot_write_changes_nothing_and_does_not_poison(tmp_path: Pat
     db = walstore.open(path, segment_size=4096, auto_compact=False, fs=fs)
     for i in range(100):
         db[f"k{i}"] = i
-    db._writer.seal_for_snapshot()  # seal now, so the only fsync left to fail is the snapshot's
+    db._writer.seal_for_snapshot()  # seal and cut now, so the only fsync left to fail is the snapshot's
+    db._writer.finish_seal(())
     segs_before = names(path, "seg-*.wal")
     fs.fail["fsync"] = (fs.calls.get("fsync", 0), ENOSPC)
     with pytest.raises(walstore.DiskFullError):
@@ -247,3 +248,71 @@ def test_snapshot_write_failing_at_each_step_changes_nothing(
     db.close()
     with walstore.open(path, segment_size=4096) as db2:
         assert db2.to_dict() == model
+
+
+def test_cleanup_takes_a_turn_before_each_file_it_removes(tmp_path: Path, backend: str) -> None:
+    """remove_covered with a `turn`: one turn before each unlink (and a directory fsync
+    after each), so freeing a segment's blocks holds up one commit at most."""
+    path = tmp_path / "db"
+    with walstore.open(path, segment_size=4096, auto_compact=False, keep_snapshots=2) as db:
+        for i in range(300):
+            db[f"k{i % 50}"] = i
+        first = db.compact()
+        for i in range(300):
+            db[f"k{i % 50}"] = -i
+        model = db.to_dict()
+        assert first is not None and db.compact() is not None
+    turns: list[int] = []
+    covered = names(path, "seg-*.wal")[:-1]
+    assert len(covered) > 3  # the segments after the older snapshot, kept with it
+    snapshot_seqs = [int(n[5:-5]) for n in names(path, "snap-*.snap")]
+    assert len(snapshot_seqs) == 2
+    removed = snapshot.remove_covered(
+        walstore.fileapi.OSFileAPI(), str(path), max(snapshot_seqs), 1, lambda: turns.append(1)
+    )
+    assert sorted(removed) == sorted(covered + [fmt.snapshot_name(min(snapshot_seqs))])
+    assert len(turns) == len(removed)
+    with walstore.open(path, segment_size=4096) as db:
+        assert db.to_dict() == model
+
+
+def _chain_sizes(path: Path) -> list[tuple[int, int]]:
+    """(file size, the next segment's prev_size) for every segment but the last."""
+    segs = sorted(path.glob("seg-*.wal"))
+    out = []
+    for seg, nxt in zip(segs, segs[1:]):
+        head = fmt.decode_file_header(nxt.read_bytes()[: fmt.FILE_HEADER_SIZE])
+        out.append((seg.stat().st_size, head.prev_size))
+    return out
+
+
+def test_segment_sealed_for_a_snapshot_is_cut_after_it_or_removed(
+    tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The segment a compaction seals is cut back to its records once the compaction is
+    over (kept with an older snapshot, or after a failed snapshot), or removed whole
+    (covered by the new snapshot): never left longer than its successor says it is."""
+    path = tmp_path / "db"
+    with walstore.open(path, auto_compact=False, keep_snapshots=2) as db:
+        for i in range(50):
+            db[f"k{i}"] = i
+        assert db.compact() is not None
+        for i in range(50):
+            db[f"k{i}"] = -i
+        with monkeypatch.context() as m:
+
+            def fail(*args: object, **kwargs: object) -> None:
+                raise walstore.SnapshotError("injected")
+
+            m.setattr(snapshot, "write_snapshot", fail)
+            with pytest.raises(walstore.SnapshotError):
+                db.compact()
+        chain = _chain_sizes(path)
+        assert chain and all(size == prev for size, prev in chain)  # cut after the failure
+        db["x"] = 1
+        assert db.compact() is not None  # keeps the older snapshot and the log after it
+        chain = _chain_sizes(path)
+        assert chain and all(size == prev for size, prev in chain)
+        model = db.to_dict()
+    with walstore.open(path) as db:
+        assert db.to_dict() == model

@@ -9,6 +9,7 @@ WALSTORE_REQUIRE_NATIVE=1 and the module is not built (native_support).
 from __future__ import annotations
 
 import mmap
+import os
 from pathlib import Path
 from typing import Any
 
@@ -651,21 +652,39 @@ def test_direct_refused_mid_snapshot_fails_it_and_the_next_is_buffered(
     assert results == ["failed", 0.0]
 
 
-def test_snapshot_write_gives_commits_their_turn_before_each_write(tmp_path: Path) -> None:
-    """write_snapshot calls yield_to before every write of the snapshot's blocks, and the
-    store's compaction passes the writer's yield_to_commits: with 4 committers running
-    (the C writer waits for their syncs there), the snapshot and the state stay exact."""
+@pytest.mark.parametrize("direct", [True, False])
+def test_snapshot_writes_every_block_as_a_burst(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool) -> None:
+    """With a burst writer, write_snapshot hands it every write of the snapshot (none goes
+    to fs.pwrite), each at the end of what was written before, and the file is exact; the
+    store's compaction passes the writer's burst_writer: with 4 committers running (the C
+    writer paces each burst between their syncs), the snapshot and the state stay exact."""
     import threading
 
+    monkeypatch.setattr(snapshot, "DIRECT", direct)
+    monkeypatch.setattr(snapshot, "BURST_BYTES", 256 << 10)  # several bursts
     txns = [[fmt.encode_op(PUT, 0, f"k{i % 500}".encode(), b"v" * 900)] for i in range(5000)]
     log = commit_log(txns)
     r = PyKVReplayer()
     r.apply_range(log, 0, len(log))
-    calls: list[int] = []
+    bursts: list[tuple[int, int]] = []
+
+    def burst(fd: int, data: memoryview, offset: int) -> float:
+        assert offset == sum(n for _o, n in bursts)
+        bursts.append((offset, len(data)))
+        assert os.pwrite(fd, data, offset) == len(data)
+        os.fdatasync(fd)
+        return 0.0
+
+    class NoPwrite(OSFileAPI):
+        def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+            raise AssertionError("a snapshot write bypassed the burst writer")
+
     info = snapshot.write_snapshot(
-        OSFileAPI(), str(tmp_path), bytes(16), 5000, r.snapshot_payloads(8192), yield_to=lambda: calls.append(1)
+        NoPwrite(), str(tmp_path), bytes(16), 5000, r.snapshot_payloads(8192), burst=burst
     )
-    assert info.timings["writes"] >= 1 and len(calls) == info.timings["writes"]
+    assert len(bursts) >= 3 and len(bursts) == info.timings["writes"] + 1  # + the last, partial block
+    data = Path(info.path).read_bytes()
+    assert snapshot.check_snapshot(info.path, data, bytes(16))[1].end == len(data) == info.size
 
     path = tmp_path / "s"
     with walstore.open(path, segment_size=64 << 10, auto_compact=False) as db:
@@ -693,3 +712,38 @@ def test_snapshot_write_gives_commits_their_turn_before_each_write(tmp_path: Pat
         assert all(model[f"t{t}"] == counts[t] - 1 for t in range(4) if counts[t])
     with walstore.open(path) as db:
         assert db.to_dict() == model
+
+
+def test_prepared_buffers_are_the_ones_written_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """write_snapshot fills the buffers PreparedBuffers made (in its thread) when their
+    size fits, and the snapshot is exact; close() frees what was not taken."""
+    monkeypatch.setattr(snapshot, "BURST_BYTES", 256 << 10)
+    txns = [[fmt.encode_op(PUT, 0, f"k{i % 500}".encode(), b"v" * 900)] for i in range(5000)]
+    log = commit_log(txns)
+    r = PyKVReplayer()
+    r.apply_range(log, 0, len(log))
+    prepared = snapshot.PreparedBuffers()
+    taken: list[int] = []
+    real_take = prepared.take
+
+    def take(size: int) -> Any:
+        buf = real_take(size)
+        taken.append(buf is not None)
+        return buf
+
+    monkeypatch.setattr(prepared, "take", take)
+
+    def burst(fd: int, data: memoryview, offset: int) -> float:
+        os.pwrite(fd, data, offset)
+        return 0.0
+
+    info = snapshot.write_snapshot(
+        OSFileAPI(), str(tmp_path), bytes(16), 5000, r.snapshot_payloads(8192), burst=burst, prepared=prepared
+    )
+    prepared.close()
+    assert taken == [True, True]  # both slots' buffers came from it
+    data = Path(info.path).read_bytes()
+    assert snapshot.check_snapshot(info.path, data, bytes(16))[1].end == len(data)
+    unused = snapshot.PreparedBuffers()
+    unused.close()
+    assert unused.take(unused.size) is None

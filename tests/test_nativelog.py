@@ -288,3 +288,72 @@ def test_thresholds_reached_by_c_appends(tmp_path: Path, durability: str) -> Non
         expected = db.to_dict()
     with walstore.open(path) as db:
         assert db.to_dict() == expected
+
+
+# ---- sharing the disk with a background writer: ws_log_gap / ws_log_burst ----------
+
+
+def test_gap_on_an_idle_log_returns_once_it_is_quiet(tmp_path: Path) -> None:
+    """No commit syncs or waits: ws_log_gap returns 0 (idle) after idle_us, not at max_us."""
+    lib = nativelog._lib
+    with walstore.open(tmp_path / "db", auto_compact=False) as db:
+        db["k"] = 1
+        assert lib.ws_log_gap(db._writer._log, 64, 2000, 60_000_000) == 0
+
+
+def test_gap_lets_commits_sync_then_starts_behind_one(tmp_path: Path) -> None:
+    """With a sync-mode committer running, ws_log_gap(syncs=N) returns 1: N of its fdatasyncs
+    completed during the gap, and the next one had started when it returned."""
+    lib = nativelog._lib
+    with walstore.open(tmp_path / "db", auto_compact=False) as db:
+        stop = threading.Event()
+
+        def commit() -> None:
+            i = 0
+            while not stop.is_set():
+                db[f"k{i % 10}"] = i
+                i += 1
+
+        t = threading.Thread(target=commit)
+        t.start()
+        try:
+            while db._writer.fsyncs < 5:  # the committer is running
+                pass
+            before = db._writer.fsyncs
+            rc = lib.ws_log_gap(db._writer._log, 20, 1_000_000, 60_000_000)
+            after = db._writer.fsyncs
+        finally:
+            stop.set()
+            t.join()
+    assert rc == 1
+    assert after - before >= 20
+
+
+def test_burst_writes_everything_and_syncs(tmp_path: Path) -> None:
+    """ws_log_burst writes all of the buffer at the offset (a short write is continued),
+    fdatasyncs, and reports a failure as OSError with its errno."""
+    with walstore.open(tmp_path / "db", auto_compact=False) as db:
+        burst = db._writer.burst_writer()
+        assert burst is not None
+        target = tmp_path / "out.bin"
+        fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            data = os.urandom(3 << 20)
+            assert burst(fd, memoryview(data), 4096) >= 0.0
+            assert burst(fd, memoryview(b"head"), 0) >= 0.0
+        finally:
+            os.close(fd)
+        assert target.read_bytes() == b"head" + bytes(4092) + data
+        with pytest.raises(OSError) as info:
+            burst(fd, memoryview(b"x"), 0)  # closed
+        assert info.value.errno == errno.EBADF
+
+
+def test_reference_writer_has_no_burst_writer(tmp_path: Path, monkeypatch: Any) -> None:
+    from walstore import native
+
+    monkeypatch.setattr(native, "AVAILABLE", False)
+    with walstore.open(tmp_path / "db", auto_compact=False) as db:
+        assert type(db._writer) is LogWriter
+        assert db._writer.burst_writer() is None
+        db._writer.take_turn()  # does not wait

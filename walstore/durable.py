@@ -158,6 +158,7 @@ class DurableStore:
                 self.last_compaction_error = None
             return info
         finally:
+            self._writer.finish_seal(())  # a failed compaction's sealed segment is cut back now
             self._compact_at = self._compact_threshold()
 
     def _compact_locked(self, **options: Any) -> Optional[snapshot.SnapshotInfo]:

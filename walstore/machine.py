@@ -794,10 +794,11 @@ class MachineStore(DurableStore, Generic[S]):
         core.wait_durable(seq)
         info = snapshot.write_snapshot(
             core.fs, self.path, core.identity.store_id, seq, _blob_payloads(kind, blob),
-            yield_to=self._writer.yield_to_commits,  # commits' syncs go before each snapshot write
+            burst=self._writer.burst_writer(),  # bursts paced between commits' syncs
         )
         del blob
-        snapshot.remove_covered(core.fs, self.path, seq, self._keep_snapshots)
+        removed = snapshot.remove_covered(core.fs, self.path, seq, self._keep_snapshots, self._writer.take_turn)
+        self._writer.finish_seal(removed)
         return info
 
     # ---- close -----------------------------------------------------------------

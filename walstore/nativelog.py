@@ -27,7 +27,7 @@ from . import failpoints as _fp
 from . import format as fmt
 from .errors import StoreClosedError, StorePoisonedError
 from .fileapi import OSFileAPI
-from .writer import INTERVAL, NONE, SYNC, ActiveSegment, LogWriter, WriterOptions, mappable
+from .writer import INTERVAL, NONE, SYNC, ActiveSegment, BurstWriter, LogWriter, WriterOptions, mappable
 
 try:
     from ._walstore_native import ffi as _ffi
@@ -62,8 +62,18 @@ _LAZY = {SYNC: 0, INTERVAL: 1, NONE: 1}
 
 
 _NO_LIMIT = (1 << 64) - 1
-_YIELD_MAX_US = 2000
-"""The longest a background writer's write waits for commits' syncs (so it always progresses)."""
+GAP_SYNCS = 64
+GAP_IDLE_US = 2000
+GAP_MAX_US = 30000
+"""Before each burst of a background writer (a snapshot), commits get GAP_SYNCS fdatasyncs
+undisturbed, or GAP_MAX_US, whichever comes first; a log with no commit syncing or waiting
+for GAP_IDLE_US is idle and the burst goes at once. One commit at most then waits behind
+each burst: with bursts of about `snapshot.WRITE_TARGET_S`, fewer than 1 in GAP_SYNCS
+commits is slowed, and by no more than a burst."""
+
+GAP_FULL_BYTES = 8 << 20
+"""A burst smaller than this (the snapshot's last, say) waits for a share of GAP_SYNCS in
+proportion to its size: the commit behind it waits that much less."""
 
 
 def _os_error(code: int) -> OSError:
@@ -151,8 +161,22 @@ class NativeLogWriter(LogWriter):
         self.compact_at = log_bytes
         self._arm_notify()
 
-    def yield_to_commits(self) -> None:
-        _lib.ws_log_yield(self._log, _YIELD_MAX_US)
+    def take_turn(self) -> None:
+        _lib.ws_log_gap(self._log, GAP_SYNCS, GAP_IDLE_US, GAP_MAX_US)
+
+    def burst_writer(self) -> Optional[BurstWriter]:
+        log = self._log
+
+        def burst(fd: int, data: memoryview, offset: int) -> float:
+            buf = _ffi.from_buffer(data)
+            n = len(data)
+            syncs = GAP_SYNCS if n >= GAP_FULL_BYTES else max(1, GAP_SYNCS * n // GAP_FULL_BYTES)
+            rc = int(_lib.ws_log_burst(log, syncs, GAP_IDLE_US, GAP_MAX_US, fd, buf, n, offset))
+            if rc < 0:
+                raise _os_error(-rc)
+            return rc / 1e9
+
+        return burst
 
     def _notified(self) -> None:
         """(Lock not held.) A C append crossed a notify threshold."""

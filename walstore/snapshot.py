@@ -28,12 +28,15 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 from . import format as fmt
 from . import reader, replay
 from .errors import CorruptionError, DiskFullError, SnapshotError
 from .fileapi import OSFileAPI
+
+if TYPE_CHECKING:
+    from .writer import BurstWriter
 
 CHUNK_BYTES = 1 << 20
 """Target payload size of one SNAPSHOT_DATA record."""
@@ -195,6 +198,16 @@ down to WRITE_MIN while one takes longer, doubled back up to BLOCK_BYTES while o
 under a third of it): a commit's fdatasync never waits behind more than about that much of
 the snapshot, on a slow disk as on a fast one."""
 
+BURST_BYTES = 32 << 20
+BURST_TARGET_S = 0.030
+"""With a burst writer (the C log writer's, which paces each write between commits'
+syncs), the snapshot goes in bursts: a write and fdatasync of up to BURST_BYTES, cut to take
+about BURST_TARGET_S (halved while one takes longer, doubled back while one takes under a
+third of it). One commit waits behind each burst, and by no more than about that; the
+commits between bursts do not wait at all. Many small pieces instead leave most commits
+waiting behind one (the p99 then grows); one write of the whole snapshot would hold up
+the commit behind it for the whole of it."""
+
 SYNC_FIRST = 16 << 20
 SYNC_MIN = 4 << 20
 SYNC_MAX = 64 << 20
@@ -217,7 +230,8 @@ def write_snapshot(
     seq: int,
     payloads: Any,
     ops: Optional[int] = None,
-    yield_to: Optional[Callable[[], object]] = None,
+    burst: Optional[BurstWriter] = None,
+    prepared: Optional[PreparedBuffers] = None,
 ) -> SnapshotInfo:
     """Write `snap-<seq>.snap` atomically from SNAPSHOT_DATA payloads (an iterable of bytes)
     or from a FrameSource (whole records, e.g. `kv_source`'s).
@@ -227,7 +241,9 @@ def write_snapshot(
     (DiskFullError for a full disk) is raised; the store is as it was. `ops`,
     when the caller knows it, saves counting the operations (required with a
     FrameSource). The source is closed when this returns or raises.
-    `yield_to`, called before each write, lets concurrent commits' syncs go first.
+    With `burst` (the log writer's `burst_writer()`), every write is a burst written and
+    fdatasynced by it between concurrent commits' syncs, instead of `fs.pwrite`;
+    `prepared` buffers (the caller closes them) are used where their size fits.
     """
     started = time.perf_counter()
     source: Any
@@ -241,11 +257,11 @@ def write_snapshot(
     final = os.path.join(directory, fmt.snapshot_name(seq))
     tmp = final + fmt.TMP_SUFFIX
     t: dict[str, float] = {"fill": 0.0, "write": 0.0, "sync": 0.0, "writes": 0.0}
-    out = _Out(fs, tmp, t, yield_to)
+    out = _Out(fs, tmp, t, burst)
     try:
         try:
             header = fmt.FileHeader(fmt.KIND_SNAPSHOT, store_id, seq).encode()
-            blocks = _Blocks(source, header, t)
+            blocks = _Blocks(source, header, t, out.block, prepared)
             out.open()
             produced = _produce(blocks, OVERLAP)
             try:
@@ -295,22 +311,72 @@ def write_snapshot(
     return SnapshotInfo(final, seq, size_on_disk, records, ops, started, t)
 
 
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def _new_buffer(size: int) -> mmap.mmap:
+    """A page-aligned (as O_DIRECT wants) anonymous buffer, its pages made up front where
+    the OS can (MAP_POPULATE): one call instead of a page fault per 4 KiB as the fill
+    first touches it, which on the development VM cost about 1 ms per MiB."""
+    if _POPULATE:
+        try:
+            return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE)
+        except OSError:
+            pass
+    return mmap.mmap(-1, size)
+
+
+def _buffer_size(block: int, room: int = 0) -> int:
+    return _round_up(max(block, room) + 2 * ALIGN, ALIGN)
+
+
+class PreparedBuffers:
+    """The two write buffers of a burst-paced snapshot, made in a background thread started
+    before the state is captured, so that making their pages (64 MiB) is not on the
+    snapshot's own time. `write_snapshot(prepared=...)` takes them; close() frees any left."""
+
+    def __init__(self, count: int = 2) -> None:
+        self.size = _buffer_size(BURST_BYTES)
+        self._bufs: list[mmap.mmap] = []
+        self._thread = threading.Thread(target=self._make, args=(count,), name="walstore-buffers", daemon=True)
+        self._thread.start()
+
+    def _make(self, count: int) -> None:
+        for _ in range(count):
+            self._bufs.append(_new_buffer(self.size))
+
+    def take(self, size: int) -> Optional[mmap.mmap]:
+        """A prepared buffer of exactly `size` bytes, or None."""
+        self._thread.join()
+        return self._bufs.pop() if self._bufs and size == self.size else None
+
+    def close(self) -> None:
+        self._thread.join()
+        for buf in self._bufs:
+            buf.close()
+        self._bufs.clear()
+
+
 class _Blocks:
     """Page-aligned buffers filled with whole records from a source; the unaligned tail of
     each is carried to the front of the next, so every write but the last is aligned."""
 
-    def __init__(self, source: Any, header: bytes, t: dict[str, float]) -> None:
+    def __init__(
+        self, source: Any, header: bytes, t: dict[str, float], block: int, prepared: Optional[PreparedBuffers]
+    ) -> None:
         self.source = source
         self.t = t
         self.room = int(getattr(source, "record_room", 0))
-        self.size = _round_up(max(BLOCK_BYTES, self.room) + 2 * ALIGN, ALIGN)
+        self.size = _buffer_size(block, self.room)
         self.bufs: list[mmap.mmap] = []
         self.carry = header
+        self.prepared = prepared
 
     def take(self, slot: int, need: int) -> mmap.mmap:
         """Slot's buffer (made on first use), holding at least `need` bytes (keeping its content)."""
         while len(self.bufs) <= slot:
-            self.bufs.append(mmap.mmap(-1, self.size))  # page-aligned, as O_DIRECT wants
+            made = self.prepared.take(self.size) if self.prepared is not None else None
+            self.bufs.append(made if made is not None else _new_buffer(self.size))
         buf = self.bufs[slot]
         if len(buf) < need:
             bigger = mmap.mmap(-1, _round_up(need, ALIGN))
@@ -404,18 +470,20 @@ class _Out:
     """The temp file being written: aligned writes (O_DIRECT when it works), write-behind syncs."""
 
     def __init__(
-        self, fs: OSFileAPI, path: str, t: dict[str, float], yield_to: Optional[Callable[[], object]] = None
+        self, fs: OSFileAPI, path: str, t: dict[str, float], burst: Optional[BurstWriter] = None
     ) -> None:
         self.fs = fs
         self.path = path
         self.t = t
-        self.yield_to = yield_to
+        self.burst = burst
         self.fd = -1
         self.direct = False
         self.offset = 0  # file offset of the next write
         self.synced = 0
         self.sync_at = SYNC_FIRST
-        self.piece = max(BLOCK_BYTES, WRITE_MIN) // ALIGN * ALIGN  # bytes per pwrite (O_DIRECT)
+        # Bytes per buffer, the most per write, and the time one write should take at most.
+        self.block, self.target = (BURST_BYTES, BURST_TARGET_S) if burst else (BLOCK_BYTES, WRITE_TARGET_S)
+        self.piece = max(self.block, WRITE_MIN) // ALIGN * ALIGN
 
     def open(self) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
@@ -431,18 +499,25 @@ class _Out:
         self.fd = self.fs.open(self.path, flags, 0o644)
 
     def _adapt(self, size: int, seconds: float) -> None:
-        """O_DIRECT: halve the write size while one write takes over WRITE_TARGET_S (a slow
-        disk), double it back while one takes under a third of that."""
-        if not self.direct or size < self.piece:
+        """O_DIRECT or bursts: halve the write size while one write takes over the target
+        (a slow disk), double it back while one takes under a third of it."""
+        if not (self.direct or self.burst) or size < self.piece:
             return
-        if seconds > WRITE_TARGET_S and self.piece > WRITE_MIN:
+        if seconds > self.target and self.piece > WRITE_MIN:
             self.piece //= 2
-        elif seconds < WRITE_TARGET_S / 3 and self.piece < max(BLOCK_BYTES, WRITE_MIN):
+        elif seconds < self.target / 3 and self.piece < max(self.block, WRITE_MIN):
             self.piece *= 2
 
-    def _pwrite(self, data: memoryview) -> None:
+    def _pwrite(self, data: memoryview) -> float:
+        """Write data at the end of the file (a burst, written and fdatasynced, if paced);
+        the seconds the write took, not counting a burst's wait for commits."""
         global _direct_refused
+        t = time.perf_counter()
         try:
+            if self.burst is not None:
+                took = self.burst(self.fd, data, self.offset)
+                self.synced = self.offset + len(data)
+                return took
             self.fs.pwrite(self.fd, data, self.offset)
         except OSError as exc:
             if not (self.direct and exc.errno == errno.EINVAL):
@@ -456,6 +531,7 @@ class _Out:
             self.direct = False
             self.fd = self.fs.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             self.fs.pwrite(self.fd, data, self.offset)
+        return time.perf_counter() - t
 
     def write(self, buf: mmap.mmap, n: int) -> None:
         """Write buf[:n] (a multiple of ALIGN) at the end of the file; sync if due."""
@@ -466,11 +542,7 @@ class _Out:
             done = 0
             while done < n:
                 piece = min(self.piece, n - done)
-                if self.yield_to is not None:
-                    self.yield_to()
-                t = time.perf_counter()
-                self._pwrite(mv[done : done + piece])
-                self._adapt(piece, time.perf_counter() - t)
+                self._adapt(piece, self._pwrite(mv[done : done + piece]))
                 self.t["writes"] += 1
                 done += piece
                 self.offset += piece
@@ -550,11 +622,16 @@ def newest_valid_snapshot(
     return None, rejected
 
 
-def remove_covered(fs: OSFileAPI, directory: str, seq: int, keep: int = 1) -> list[str]:
+def remove_covered(
+    fs: OSFileAPI, directory: str, seq: int, keep: int = 1, turn: Optional[Callable[[], object]] = None
+) -> list[str]:
     """Remove snapshots older than the newest `keep` at or below `seq`, and the segments
     wholly covered by the oldest snapshot kept. Returns the names removed.
 
-    Call only once snapshot `seq` is durable (renamed and directory fsynced).
+    Call only once snapshot `seq` is durable (renamed and directory fsynced). With
+    `turn` (the log writer's `take_turn`), each file is unlinked and the directory
+    fsynced on its own turn between commits' syncs, so that freeing its blocks (a
+    discard, on a filesystem mounted with it) holds up one commit at most.
     """
     removed: list[str] = []
     snaps = [(s, p) for s, p in list_snapshots(directory) if s <= seq]
@@ -562,14 +639,16 @@ def remove_covered(fs: OSFileAPI, directory: str, seq: int, keep: int = 1) -> li
         return removed
     kept = snaps[: max(1, keep)]
     oldest_kept = kept[-1][0]
-    for _seq, path in snaps[len(kept):]:
+    doomed = [path for _seq, path in snaps[len(kept):]]
+    segs = replay.list_segments(directory)
+    doomed += [path for (_first, path), (next_first, _n) in zip(segs, segs[1:]) if next_first <= oldest_kept + 1]
+    for path in doomed:
+        if turn is not None:
+            turn()
         fs.unlink(path)
         removed.append(os.path.basename(path))
-    segs = replay.list_segments(directory)
-    for (_first, path), (next_first, _next) in zip(segs, segs[1:]):
-        if next_first <= oldest_kept + 1:
-            fs.unlink(path)
-            removed.append(os.path.basename(path))
-    if removed:
+        if turn is not None:
+            fs.fsync_dir(directory)
+    if removed and turn is None:
         fs.fsync_dir(directory)
     return removed

@@ -26,7 +26,7 @@ from .durable import DurableStore
 from .errors import KeyTypeError, SnapshotError, TransactionClosedError
 from .fileapi import OSFileAPI
 from .kvreplay import make_kv_replayer
-from .writer import WriterOptions
+from .writer import BurstWriter, WriterOptions
 
 Key = Union[str, bytes]
 
@@ -209,10 +209,21 @@ class Store(DurableStore, MutableMapping[Key, Any]):
         return self._start_compaction(wait, {})
 
     def _compact_locked(self, **options: Any) -> Optional[snapshot.SnapshotInfo]:
-        core = self._core
         seq = self._writer.seal_for_snapshot()
         if seq == self._snapshot_seq:
             return None
+        burst = self._writer.burst_writer()  # bursts paced between commits' syncs
+        prepared = snapshot.PreparedBuffers() if burst is not None else None  # made during the capture
+        try:
+            return self._snapshot_at(seq, burst, prepared)
+        finally:
+            if prepared is not None:
+                prepared.close()
+
+    def _snapshot_at(
+        self, seq: int, burst: Optional[BurstWriter], prepared: Optional[snapshot.PreparedBuffers]
+    ) -> snapshot.SnapshotInfo:
+        core = self._core
         replayer = make_kv_replayer()
         buffers: list[Any] = []
         base = 0
@@ -230,15 +241,17 @@ class Store(DurableStore, MutableMapping[Key, Any]):
         live = len(replayer)  # one PUT per surviving key: no need to count them again
         payloads = snapshot.kv_source(replayer, seq)  # records framed in C when the replayer can
         try:
-            turn = self._writer.yield_to_commits  # commits' syncs go before each snapshot write
-            info = snapshot.write_snapshot(core.fs, self.path, core.identity.store_id, seq, payloads, live, turn)
+            info = snapshot.write_snapshot(
+                core.fs, self.path, core.identity.store_id, seq, payloads, live, burst, prepared
+            )
         finally:
             payloads.close()
             for buf in buffers:
                 close = getattr(buf, "close", None)
                 if close is not None:
                     close()
-        snapshot.remove_covered(core.fs, self.path, seq, self._keep_snapshots)
+        removed = snapshot.remove_covered(core.fs, self.path, seq, self._keep_snapshots, self._writer.take_turn)
+        self._writer.finish_seal(removed)
         return info
 
     def transaction(self, *, durability: Optional[str] = None) -> Transaction:

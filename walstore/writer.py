@@ -23,7 +23,7 @@ import os
 import struct
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, NoReturn, Optional
 
@@ -38,7 +38,25 @@ INTERVAL = "interval"
 NONE = "none"
 DURABILITY_MODES = (SYNC, INTERVAL, NONE)
 
+BurstWriter = Callable[[int, memoryview, int], float]
+"""`burst(fd, data, offset)`: wait while concurrent commits take their turn at the disk,
+then write all of `data` at `offset` of `fd` and fdatasync `fd`; the seconds the write and
+fdatasync took (the wait not counted); OSError on failure."""
+
 _ZERO_CHUNK = bytes(1 << 20)
+PREALLOC_BURST_BYTES = 32 << 20
+"""Preparing the next segment with the C writer: zeros written and fdatasynced this many
+bytes at a time, each burst on its turn between commits' syncs (a 64 MiB write and
+fdatasync in one go held a concurrent commit up for 30-40 ms on the development VM)."""
+_zero_map: Optional[mmap.mmap] = None
+
+
+def _zero_burst() -> memoryview:
+    """PREALLOC_BURST_BYTES of zeros: an anonymous map never written, so it takes no memory."""
+    global _zero_map
+    if _zero_map is None:
+        _zero_map = mmap.mmap(-1, PREALLOC_BURST_BYTES)
+    return memoryview(_zero_map)
 _HS = fmt.FRAME_HEADER_SIZE
 _FRAME_PACK = fmt.FRAME_HEADER.pack
 _FRAME_OP_PACK = struct.Struct("<" + fmt.FRAME_HEADER.format.lstrip("<") + fmt.OP_HEADER.format.lstrip("<")).pack
@@ -152,6 +170,7 @@ class LogWriter:
         self.rolls = 0
         self._prealloc_thread: Optional[threading.Thread] = None
         self._prealloc_ready = False
+        self._uncut: Optional[ActiveSegment] = None  # sealed for a snapshot, cut by finish_seal
         self._flusher: Optional[threading.Thread] = None
         self._stop_flusher = threading.Event()
         self._attach(segment)
@@ -282,10 +301,17 @@ class LogWriter:
             self._threshold_reached()
         return seq
 
-    def yield_to_commits(self) -> None:
-        """For a background writer sharing the disk (a snapshot), before each of its writes:
-        let a commit's running or imminent fdatasync go first (the C writer waits a little;
-        the pure-Python one does not wait)."""
+    def take_turn(self) -> None:
+        """For a background task sharing the disk (compaction's seal and cleanup), before an
+        operation that makes the disk busy: wait for commits to have their turn (the C
+        writer: as before a burst; the pure-Python writer does not wait)."""
+
+    def burst_writer(self) -> Optional[BurstWriter]:
+        """For a background writer sharing the disk (a snapshot): a function that writes one
+        burst and fdatasyncs it, after giving concurrent commits their turn (see
+        `BurstWriter`); None when this writer cannot pace one (the pure-Python writer: the
+        snapshot then writes through the file API on its own)."""
+        return None
 
     def set_compact_at(self, log_bytes: float) -> None:
         """Call `on_threshold` after commits that leave more than `log_bytes` since the last seal."""
@@ -514,7 +540,14 @@ class LogWriter:
 
     def seal_for_snapshot(self) -> int:
         """Seal the active segment if it holds records, so a snapshot at the returned seq
-        covers whole segments; later commits go to a new segment."""
+        covers whole segments; later commits go to a new segment.
+
+        The sealed segment is synced but not yet cut back to its records (recovery reads
+        the zeros after them as its end): `finish_seal` does that once the compaction is
+        over, unless the snapshot made the segment redundant and it was removed whole.
+        Cutting it here would free its unused preallocated space only to free the rest
+        moments later, and on a filesystem mounted with `discard` each is a trim that
+        commits queue behind."""
         if self._opts.preallocate:  # prepare the next segment first, without holding up commits
             with self._mutex:
                 if self._prealloc_thread is None and not self._prealloc_ready:
@@ -527,9 +560,26 @@ class LogWriter:
             old = self._roll(seal_later=True) if self._seg.offset > fmt.FILE_HEADER_SIZE else None
             self.log_bytes = 0
             seq = self._last_seq
-        if old is not None:  # cut back and fsynced without holding up commits
-            self._seal(old, locked=False)
+        if old is not None:
+            self.finish_seal(())  # one pending at most: a failed compaction's, if not yet cut
+            self._uncut = old
         return seq
+
+    def finish_seal(self, removed: Collection[str]) -> None:
+        """After a compaction: close the segment `seal_for_snapshot` left uncut if its name
+        is in `removed` (the snapshot covers it and it was unlinked), else cut it back to
+        its records and fsync it (on its turn, without holding up commits). Idempotent."""
+        old, self._uncut = self._uncut, None
+        if old is None:
+            return
+        if os.path.basename(old.path) in removed:
+            try:
+                self._fs.close(old.fd)
+            except OSError:
+                pass  # unlinked and nothing of it is read again
+            return
+        self.take_turn()
+        self._seal(old, locked=False)
 
     def _drain_syncs(self) -> None:
         """Wait (lock held) for an in-flight sync to end; no new commit or sync starts meanwhile."""
@@ -643,13 +693,20 @@ class LogWriter:
         t.start()
 
     def _prealloc(self) -> None:
-        """Prepare prealloc.tmp: segment_size zero bytes, written and fsynced."""
+        """Prepare prealloc.tmp: segment_size zero bytes, written and fsynced (in bursts
+        paced between commits' syncs where this writer has a burst writer)."""
         path = os.path.join(self._dir, fmt.PREALLOC_NAME)
+        burst = self.burst_writer()
         try:
             fd = self._fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                write_zeros(self._fs, fd, 0, self._opts.segment_size)
-                self._fs.fdatasync(fd)
+                if burst is None:
+                    write_zeros(self._fs, fd, 0, self._opts.segment_size)
+                    self._fs.fdatasync(fd)
+                else:
+                    zeros = _zero_burst()
+                    for pos in range(0, self._opts.segment_size, len(zeros)):
+                        burst(fd, zeros[: min(len(zeros), self._opts.segment_size - pos)], pos)
             finally:
                 self._fs.close(fd)
             self._prealloc_ready = True
@@ -669,6 +726,10 @@ class LogWriter:
         Two syncs: the CLOSE record's watermark claims every record before it is
         durable, which is only true once the first sync has returned.
         """
+        try:
+            self.finish_seal(())  # a segment a failed compaction sealed
+        except StorePoisonedError:
+            pass  # recorded: no CLOSE record below
         with self._cond:
             if self._closed:
                 return
@@ -702,10 +763,12 @@ class LogWriter:
             self._flusher.join()
         self._take_prealloc()
         self._detach(self._seg)
-        try:
-            self._fs.close(self._seg.fd)
-        except OSError:
-            pass
+        for fd in [self._seg.fd] + ([self._uncut.fd] if self._uncut is not None else []):
+            try:
+                self._fs.close(fd)
+            except OSError:
+                pass
+        self._uncut = None
 
 
 def create_segment(
