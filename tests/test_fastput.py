@@ -84,6 +84,19 @@ def test_pure_python_keeps_the_plain_class(tmp_path: Path, monkeypatch: Any) -> 
         assert db["a"] == b"1"
 
 
+class MyStore(walstore.Store):
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.seen = key
+
+
+def test_a_subclass_of_store_keeps_its_own_setitem(tmp_path: Path) -> None:
+    with MyStore(tmp_path / "s", durability="none") as db:
+        assert type(db) is MyStore
+        db["a"] = b"1"
+        assert db.seen == "a" and db["a"] == b"1" and fast_puts(db) == 0
+
+
 def test_sync_mode_is_not_bound(tmp_path: Path) -> None:
     with walstore.open(tmp_path / "s") as db:
         db["a"] = b"1"

@@ -62,7 +62,7 @@ def fast_put_base() -> Optional[type]:
     """The C type whose `__setitem__` is the fast put (`_native/fastput.c`), made once; None
     where it cannot be made (not built, not CPython)."""
     global _fast_base, _fast_base_made
-    if not _fast_base_made:
+    if not _fast_base_made:  # two threads may both get here: C makes the type once
         _fast_base_made = True
         if BUILT and hasattr(_lib, "ws_fastput_type"):
             out: dict[str, type] = {}

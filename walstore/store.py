@@ -14,6 +14,7 @@ Guarantees (docs/GUARANTEES.md states them per durability mode):
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, MutableMapping
 from types import TracebackType
 from typing import Any, Optional, Union
@@ -113,8 +114,8 @@ class Store(DurableStore, MutableMapping[Key, Any]):
         self._set = self._data.__setitem__
         self._pop = self._data.pop
         self._opened(core)
-        if type(self) is _native_store and isinstance(self._writer, nativelog.NativeLogWriter):
-            self._writer.bind_fast_put(self, self._data)
+        if type(self) is not Store and isinstance(self._writer, nativelog.NativeLogWriter):
+            self._writer.bind_fast_put(self, self._data)  # refused (False) unless a NativeStore
 
     # ---- identity and state ----------------------------------------------------
 
@@ -260,6 +261,7 @@ class Store(DurableStore, MutableMapping[Key, Any]):
 
 
 _native_store: Optional[type[Store]] = None
+_native_store_lock = threading.Lock()
 
 
 def _native_store_class() -> Optional[type[Store]]:
@@ -270,19 +272,20 @@ def _native_store_class() -> Optional[type[Store]]:
     CPython calls the C slot directly. The slot calls `put` for whatever it does not do
     itself, and `_fast_delitem` for `del db[key]` (the same slot serves both)."""
     global _native_store
-    if _native_store is None:
-        base = nativelog.fast_put_base()
-        if base is None:
-            return None
-        namespace = {
-            "__module__": __name__,
-            "__qualname__": "NativeStore",
-            "__doc__": Store.__doc__,
-            "_fast_delitem": Store.__delitem__,
-        }
-        meta: Any = type(Store)  # ABCMeta, from MutableMapping
-        _native_store = meta("NativeStore", (base, Store), namespace)
-    return _native_store
+    with _native_store_lock:
+        if _native_store is None:
+            base = nativelog.fast_put_base()
+            if base is None:
+                return None
+            namespace = {
+                "__module__": __name__,
+                "__qualname__": "NativeStore",
+                "__doc__": Store.__doc__,
+                "_fast_delitem": Store.__delitem__,
+            }
+            meta: Any = type(Store)  # ABCMeta, from MutableMapping
+            _native_store = meta("NativeStore", (base, Store), namespace)
+        return _native_store
 
 
 class Transaction(MutableMapping[Key, Any]):
