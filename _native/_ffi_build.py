@@ -14,8 +14,10 @@ import re
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["crc32c.c", "scan.c", "kvreplay.c", "kvdict.c", "snapshot.c", "logwrite.c"]
-HEADERS = ["walstore_format.h", "crc32c.h", "scan.h", "kvreplay.h", "kvdict.h", "snapshot.h", "logwrite.h", "le.h"]
+SOURCES = ["crc32c.c", "scan.c", "kvreplay.c", "kvdict.c", "snapshot.c", "logwrite.c", "fastput.c"]
+HEADERS = [
+    "walstore_format.h", "crc32c.h", "scan.h", "kvreplay.h", "kvdict.h", "snapshot.h", "logwrite.h", "fastput.h", "le.h"
+]
 EXTRA_COMPILE_ARGS = ["-O2", "-Wall", "-Wextra", "-std=gnu11"]
 
 _DEFINE = re.compile(r"^#define\s+(WS_\w+)\s+(0x[0-9A-Fa-f]+|\d+)u?\s*(?:/\*.*)?$")
@@ -33,12 +35,14 @@ CDEF = (
     + _int_defines("scan.h")
     + _int_defines("kvreplay.h")
     + _int_defines("kvdict.h")
+    + _int_defines("fastput.h")
     + """
 #define WS_LOG_NO_ROOM ...
 #define WS_LOG_TOO_BIG ...
 #define WS_LOG_CLOSED ...
 #define WS_LOG_FAILED ...
 #define WS_LOG_NOTIFY ...
+#define WS_LOG_NOT_HERE ...
 
 uint32_t ws_crc32c(uint32_t crc, const char *buf, size_t len);
 uint32_t ws_crc32c_table(uint32_t crc, const char *buf, size_t len);
@@ -91,6 +95,8 @@ void ws_log_set_limit(ws_log *log, uint64_t limit);
 int64_t ws_log_put(ws_log *log, uint32_t type, const uint8_t *payload, size_t size, int lazy);
 int64_t ws_log_put_op(ws_log *log, uint32_t op_flags, const uint8_t *key, size_t key_size, const uint8_t *value,
                       size_t value_size, int lazy);
+int64_t ws_log_put_op_touched(ws_log *log, uint32_t op_flags, const uint8_t *key, size_t key_size,
+                              const uint8_t *value, size_t value_size);
 uint64_t ws_log_last_seq(ws_log *log);
 void ws_log_set_last_seq(ws_log *log, uint64_t seq);
 uint64_t ws_log_offset(ws_log *log);
@@ -112,6 +118,12 @@ uint64_t ws_log_durable(ws_log *log);
 uint64_t ws_log_written(ws_log *log);
 uint64_t ws_log_fsyncs(ws_log *log);
 int ws_log_error(ws_log *log);
+"""
+    # _native/fastput.h: `db[key] = value` in C
+    + """
+int ws_fastput_type(uintptr_t out);
+int ws_fastput_bind(uintptr_t store, ws_log *log, const int *gate, uintptr_t writer, uintptr_t data,
+                    uintptr_t acquire, uintptr_t release, uintptr_t armed);
 """
     # _native/snapshot.h: snapshot records framed in C
     + """

@@ -18,6 +18,7 @@
 #include "walstore_format.h"
 
 #define SCRATCH_MIN 4096
+#define WS_LOG_LAZY_TOUCHED 2 /* append(): lazy, and only into map pages already written through */
 
 struct ws_log {
     pthread_mutex_t mu;
@@ -47,6 +48,8 @@ struct ws_log {
     uint64_t notify_bytes;  /* relaxed atomic: ... or brings log_bytes to this */
     uint8_t *map;           /* appends and set_segment only */
     uint64_t map_size;
+    uint64_t touched;       /* appends and set_segment only: map pages below this were written through */
+    uint64_t page;          /* the page size (a power of two) */
     uint8_t *scratch;       /* appends only: frame assembly for pwrite */
     size_t scratch_size;
 };
@@ -105,6 +108,8 @@ ws_log *ws_log_new(uint64_t last_seq)
     log->notify_bytes = UINT64_MAX;
     log->fd = -1;
     log->limit = UINT64_MAX;
+    long page = sysconf(_SC_PAGESIZE);
+    log->page = page >= 4096 && (page & (page - 1)) == 0 ? (uint64_t)page : 4096;
     return log;
 }
 
@@ -135,6 +140,7 @@ int ws_log_set_segment(ws_log *log, int fd, uint64_t map_size)
 {
     int rc = 0;
     unmap(log);
+    log->touched = 0;
     if (fd >= 0 && map_size > 0 && map_size <= (uint64_t)SIZE_MAX) {
         void *m = mmap(NULL, (size_t)map_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         if (m == MAP_FAILED) {
@@ -214,6 +220,8 @@ static int64_t append(ws_log *log, uint64_t seq, uint64_t offset, uint32_t type,
     if (offset > log->limit || frame > log->limit - offset)
         return WS_LOG_NO_ROOM;
     int direct = lazy && log->map != NULL && offset <= log->map_size && frame <= log->map_size - offset;
+    if (lazy == WS_LOG_LAZY_TOUCHED && (!direct || offset + frame > log->touched))
+        return WS_LOG_NOT_HERE;
     uint8_t *f = direct ? log->map + offset : scratch(log, frame);
     if (f == NULL)
         return -ENOMEM;
@@ -238,6 +246,8 @@ static int64_t append(ws_log *log, uint64_t seq, uint64_t offset, uint32_t type,
         int rc = pwrite_all(log, f, frame, offset);
         if (rc < 0)
             return rc;
+    } else if (offset + frame > log->touched) {
+        log->touched = (offset + frame + log->page - 1) & ~(log->page - 1);
     }
     __atomic_store_n(&log->written, seq, __ATOMIC_RELEASE);
     return (int64_t)frame;
@@ -264,10 +274,10 @@ static int64_t put(ws_log *log, uint32_t type, const struct piece *pieces, int n
 int64_t ws_log_put(ws_log *log, uint32_t type, const uint8_t *payload, size_t size, int lazy)
 {
     struct piece p = {payload, size};
-    return put(log, type, &p, 1, lazy);
+    return put(log, type, &p, 1, lazy != 0);
 }
 
-int64_t ws_log_put_op(ws_log *log, uint32_t op_flags, const uint8_t *key, size_t key_size, const uint8_t *value,
+static int64_t put_op(ws_log *log, uint32_t op_flags, const uint8_t *key, size_t key_size, const uint8_t *value,
                       size_t value_size, int lazy)
 {
     uint8_t oph[WS_OP_HEADER_SIZE];
@@ -281,6 +291,18 @@ int64_t ws_log_put_op(ws_log *log, uint32_t op_flags, const uint8_t *key, size_t
     put32(oph + 8, (uint32_t)value_size);
     struct piece p[3] = {{oph, sizeof(oph)}, {key, key_size}, {value, value_size}};
     return put(log, WS_REC_COMMIT, p, 3, lazy);
+}
+
+int64_t ws_log_put_op(ws_log *log, uint32_t op_flags, const uint8_t *key, size_t key_size, const uint8_t *value,
+                      size_t value_size, int lazy)
+{
+    return put_op(log, op_flags, key, key_size, value, value_size, lazy != 0);
+}
+
+int64_t ws_log_put_op_touched(ws_log *log, uint32_t op_flags, const uint8_t *key, size_t key_size,
+                              const uint8_t *value, size_t value_size)
+{
+    return put_op(log, op_flags, key, key_size, value, value_size, WS_LOG_LAZY_TOUCHED);
 }
 
 uint64_t ws_log_last_seq(ws_log *log)

@@ -32,6 +32,9 @@
 #define WS_LOG_CLOSED (-100001)
 /* ws_log_put* result after an fdatasync failed: the log is poisoned, nothing written */
 #define WS_LOG_FAILED (-100002)
+/* ws_log_put_op_touched result: the frame would go elsewhere than into map pages already
+ * written through; nothing written or published */
+#define WS_LOG_NOT_HERE (-100003)
 /* or'ed into the seq ws_log_put* returns: a notify threshold was reached */
 #define WS_LOG_NOTIFY 4611686018427387904
 
@@ -57,6 +60,15 @@ int64_t ws_log_put(ws_log *log, uint32_t type, const uint8_t *payload, size_t si
 /* ws_log_put of a one-operation payload: op | flags << 8, key, value. */
 int64_t ws_log_put_op(ws_log *log, uint32_t op_flags, const uint8_t *key, size_t key_size, const uint8_t *value,
                       size_t value_size, int lazy);
+
+/* ws_log_put_op, lazy, for a caller that holds the GIL (walstore/fastput.c): only when
+ * the frame is copied into pages of the map that earlier frames of this segment were
+ * copied into, so the copy meets no page the kernel must first find, read or allocate
+ * (a first write, which may wait for the disk); else WS_LOG_NOT_HERE and nothing is
+ * done, and the caller appends with ws_log_put_op, GIL released. Every other result
+ * is ws_log_put_op's. */
+int64_t ws_log_put_op_touched(ws_log *log, uint32_t op_flags, const uint8_t *key, size_t key_size,
+                              const uint8_t *value, size_t value_size);
 
 /* The position the log writes at (the caller moves it for frames it writes itself). */
 uint64_t ws_log_last_seq(ws_log *log);

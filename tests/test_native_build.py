@@ -56,10 +56,11 @@ def test_compiles_without_warnings(cc: str, source: str, tmp_path: Path) -> None
 
 @pytest.mark.skipif(not COMPILERS, reason="SKIPPED: no C compiler (gcc or clang) on this machine")
 @pytest.mark.parametrize("cc", [cc for cc in ("gcc", "clang") if shutil.which(cc)] or ["none"])
-def test_kvdict_compiles_without_warnings(cc: str, tmp_path: Path) -> None:
-    """kvdict.c uses the CPython C API: compiled against this Python's headers, for this machine only."""
+@pytest.mark.parametrize("source", ["kvdict.c", "fastput.c"])
+def test_kvdict_compiles_without_warnings(cc: str, source: str, tmp_path: Path) -> None:
+    """kvdict.c and fastput.c use the CPython C API: compiled against this Python's headers, for this machine only."""
     cmd = [cc, "-std=c11", "-O2", *WARNINGS, f"-I{NATIVE}", f"-I{sysconfig.get_paths()['include']}"]
-    cmd += ["-c", str(NATIVE / "kvdict.c"), "-o", str(tmp_path / "x.o")]
+    cmd += ["-c", str(NATIVE / source), "-o", str(tmp_path / "x.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 

@@ -25,6 +25,8 @@ POINTS = (
 )
 
 _armed: dict[str, int] = {}
+"""Changed in place, never rebound: the C fast put (`_native/fastput.c`) holds this dict and
+leaves every put to the Python path while it is not empty."""
 
 
 def _parse(spec: str) -> dict[str, int]:

@@ -14,6 +14,11 @@ Only with the plain OS file API: a recording or fault-injecting layer (the
 crash simulator, fault tests) gets the pure-Python writer, which routes every
 write and sync through it. Rolls, CLOSE, snapshots' seals and error handling
 are the reference writer's code, run with C syncs paused.
+
+In the lazy modes a store's `db[key] = value` can skip Python altogether
+(`_native/fastput.c`, `bind_fast_put`): the C slot does what `commit_op` does
+for a str or bytes key and value, under the same lock, while the writer's gate
+is open (it is shut, under the lock, when the writer closes or is poisoned).
 """
 
 from __future__ import annotations
@@ -48,6 +53,22 @@ if BUILT:
     _TOO_BIG = _lib.WS_LOG_TOO_BIG
     _CLOSED = _lib.WS_LOG_CLOSED
     _FAILED = _lib.WS_LOG_FAILED
+
+_fast_base: Optional[type] = None
+_fast_base_made = False
+
+
+def fast_put_base() -> Optional[type]:
+    """The C type whose `__setitem__` is the fast put (`_native/fastput.c`), made once; None
+    where it cannot be made (not built, not CPython)."""
+    global _fast_base, _fast_base_made
+    if not _fast_base_made:  # two threads may both get here: C makes the type once
+        _fast_base_made = True
+        if BUILT and hasattr(_lib, "ws_fastput_type"):
+            out: dict[str, type] = {}
+            if _lib.ws_fastput_type(id(out)) == _lib.WS_FASTPUT_OK:
+                _fast_base = out["FastSetItem"]
+    return _fast_base
 
 
 def usable(fs: OSFileAPI) -> bool:
@@ -111,6 +132,8 @@ class NativeLogWriter(LogWriter):
         self._active = segment
         self._py_fsyncs = 0
         self._lazy = 0 if options.durability == SYNC else 1
+        self._fast_gate = _ffi.new("int *", 1)
+        """C fast puts run only while this is non-zero: shut (under the lock) on close and poisoning."""
         _lib.ws_log_set_limit(self._log, options.segment_size)
         super().__init__(fs, directory, store_id, segment, last_seq, options)
 
@@ -259,6 +282,17 @@ class NativeLogWriter(LogWriter):
             return r  # type: ignore[no-any-return]
         return self._committed(r, lazy)
 
+    def bind_fast_put(self, store: object, data: dict[Any, Any]) -> bool:
+        """Let `store` (an instance of `fast_put_base()`) do `store[key] = value` in C, updating
+        `data`, for as long as this writer's gate is open; only in the lazy modes. True if bound."""
+        if not self._lazy or fast_put_base() is None:
+            return False
+        acquire, release = self._mutex.acquire, self._mutex.release  # held for the call: C keeps them
+        rc = _lib.ws_fastput_bind(
+            id(store), self._log, self._fast_gate, id(self), id(data), id(acquire), id(release), id(_fp._armed)
+        )
+        return bool(rc == _lib.WS_FASTPUT_OK)
+
     def _committed(self, r: int, lazy: int) -> int:
         """(Lock not held.) After a C append returned `r` (a seq, maybe flagged): notify, wait."""
         if r >= _NOTIFY:
@@ -330,6 +364,7 @@ class NativeLogWriter(LogWriter):
         _lib.ws_log_inject(self._log, sync_errno, write_errno)
 
     def _poison_with(self, exc: BaseException) -> None:
+        self._fast_gate[0] = 0
         super()._poison_with(exc)
         _lib.ws_log_fail(self._log, getattr(exc, "errno", None) or errno.EIO)
 
@@ -337,6 +372,7 @@ class NativeLogWriter(LogWriter):
         with self._cond:
             if self._closed:
                 return
+            self._fast_gate[0] = 0  # no C fast put from here on: they take the lock and see it
             _lib.ws_log_pause(self._log)
         try:
             super().close()
@@ -345,6 +381,7 @@ class NativeLogWriter(LogWriter):
             _lib.ws_log_resume(self._log)
 
     def abandon(self) -> None:
+        self._fast_gate[0] = 0  # before anything below: fast puts from here on take `commit_op`
         _lib.ws_log_fail(self._log, 0)  # closed: no sync starts from here on
         _lib.ws_log_pause(self._log)  # and the running one, if any, has ended
         try:

@@ -14,17 +14,18 @@ Guarantees (docs/GUARANTEES.md states them per durability mode):
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, MutableMapping
 from types import TracebackType
 from typing import Any, Optional, Union
 
 from . import format as fmt
-from . import replay, snapshot
+from . import nativelog, replay, snapshot
 from .codec import Codec, get_codec
 from .core import Identity, LogCore
 from .durable import DurableStore
 from .errors import KeyTypeError, SnapshotError, TransactionClosedError
-from .fileapi import OSFileAPI
+from .fileapi import DEFAULT, OSFileAPI
 from .kvreplay import make_kv_replayer
 from .writer import BurstWriter, WriterOptions
 
@@ -71,6 +72,12 @@ class Store(DurableStore, MutableMapping[Key, Any]):
     damaged newest snapshot can be rebuilt around.
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Store:
+        """A `Store` on the C writer is a `NativeStore`, whose `db[key] = value` runs in C."""
+        if cls is Store and nativelog.usable(kwargs.get("fs") or DEFAULT):
+            cls = _native_store_class() or cls
+        return super().__new__(cls)
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -107,6 +114,8 @@ class Store(DurableStore, MutableMapping[Key, Any]):
         self._set = self._data.__setitem__
         self._pop = self._data.pop
         self._opened(core)
+        if type(self) is not Store and isinstance(self._writer, nativelog.NativeLogWriter):
+            self._writer.bind_fast_put(self, self._data)  # refused (False) unless a NativeStore
 
     # ---- identity and state ----------------------------------------------------
 
@@ -262,6 +271,34 @@ class Store(DurableStore, MutableMapping[Key, Any]):
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self._data)} keys, seq {self.last_seq}"
         return f"<walstore.Store {self.path!r} {state}>"
+
+
+_native_store: Optional[type[Store]] = None
+_native_store_lock = threading.Lock()
+
+
+def _native_store_class() -> Optional[type[Store]]:
+    """`NativeStore`: Store behind the C type whose `__setitem__` slot is the fast put
+    (`_native/fastput.c`), made once; None where that type cannot be made.
+
+    The C type comes first in the bases, so `type(db).__setitem__` is its slot wrapper and
+    CPython calls the C slot directly. The slot calls `put` for whatever it does not do
+    itself, and `_fast_delitem` for `del db[key]` (the same slot serves both)."""
+    global _native_store
+    with _native_store_lock:
+        if _native_store is None:
+            base = nativelog.fast_put_base()
+            if base is None:
+                return None
+            namespace = {
+                "__module__": __name__,
+                "__qualname__": "NativeStore",
+                "__doc__": Store.__doc__,
+                "_fast_delitem": Store.__delitem__,
+            }
+            meta: Any = type(Store)  # ABCMeta, from MutableMapping
+            _native_store = meta("NativeStore", (base, Store), namespace)
+        return _native_store
 
 
 class Transaction(MutableMapping[Key, Any]):
