@@ -105,6 +105,7 @@ uint64_t ws_log_log_bytes(ws_log *log);
 void ws_log_set_log_bytes(ws_log *log, uint64_t n);
 void ws_log_set_notify(ws_log *log, uint64_t offset, uint64_t log_bytes);
 int ws_log_wait(ws_log *log, uint64_t seq);
+void ws_log_set_gather(ws_log *log, uint32_t max_us);
 int ws_log_gap(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us);
 int64_t ws_log_burst(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us, int fd, const uint8_t *buf,
                      size_t len, uint64_t offset);
@@ -123,7 +124,7 @@ int ws_log_error(ws_log *log);
     + """
 int ws_fastput_type(uintptr_t out);
 int ws_fastput_bind(uintptr_t store, ws_log *log, const int *gate, uintptr_t writer, uintptr_t data,
-                    uintptr_t acquire, uintptr_t release, uintptr_t armed);
+                    uintptr_t acquire, uintptr_t release, uintptr_t armed, int lazy);
 """
     # _native/snapshot.h: snapshot records framed in C
     + """

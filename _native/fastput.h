@@ -28,9 +28,11 @@ int ws_fastput_type(uintptr_t out);
  * it closes or is poisoned), the writer object itself (kept alive: it owns `log` and
  * `gate`; its `_notified`, `_apply_failed` and `_append_failed` are called), the dict
  * to update, the writer lock's `acquire` and `release`, and `armed` (a dict: fast puts
- * only while it is empty). `log` NULL unbinds (every put takes the Python path). The
- * GIL must NOT be held. */
+ * only while it is empty), and `lazy` (the store's mode: lazy, no wait; else sync: the
+ * slot waits for the fdatasync with the GIL released, and a failed wait calls the
+ * writer's `_wait_failed(rc)`, which raises). `log` NULL unbinds (every put takes the
+ * Python path). The GIL must NOT be held. */
 int ws_fastput_bind(uintptr_t store, ws_log *log, const int *gate, uintptr_t writer, uintptr_t data,
-                    uintptr_t acquire, uintptr_t release, uintptr_t armed);
+                    uintptr_t acquire, uintptr_t release, uintptr_t armed, int lazy);
 
 #endif /* WALSTORE_FASTPUT_H */

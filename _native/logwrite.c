@@ -27,6 +27,12 @@ struct ws_log {
     pthread_cond_t idle_cv; /* (CLOCK_MONOTONIC) ws_log_gap waits here for syncs to start and end */
     int waiters;            /* under mu: committers inside ws_log_wait */
     int gappers;            /* under mu: background writers inside ws_log_gap */
+    pthread_cond_t gather_cv; /* (CLOCK_MONOTONIC) a would-be leader gathers committers here */
+    int gathering;          /* under mu: a leader waits for committers before its sync */
+    uint32_t gather_max_us; /* under mu: the longest it waits (0: never) */
+    int peak;               /* under mu: most committers waiting at a sync lately */
+    int peak_window;        /* under mu: most in the current window of PEAK_WINDOW syncs */
+    uint64_t sync_ns;       /* under mu: how long the last fdatasync took */
     uint64_t burst_fsyncs;  /* under mu: fsyncs when the last ws_log_burst ended */
     uint64_t written;       /* atomic: highest seq whose frame (and every earlier one) is written */
     uint64_t durable;       /* atomic, stored under mu: highest seq on stable storage */
@@ -93,6 +99,10 @@ ws_log *ws_log_new(uint64_t last_seq)
     if (mono_ok)
         pthread_condattr_setclock(&mono, CLOCK_MONOTONIC);
     int idle_ok = pthread_cond_init(&log->idle_cv, mono_ok ? &mono : NULL) == 0;
+    if (idle_ok && pthread_cond_init(&log->gather_cv, mono_ok ? &mono : NULL) != 0) {
+        pthread_cond_destroy(&log->idle_cv);
+        idle_ok = 0;
+    }
     if (mono_ok)
         pthread_condattr_destroy(&mono);
     if (!idle_ok || pthread_cond_init(&log->cv, NULL) != 0 || pthread_cond_init(&log->done[0], NULL) != 0 ||
@@ -130,6 +140,7 @@ void ws_log_free(ws_log *log)
     free(log->scratch);
     pthread_cond_destroy(&log->cv);
     pthread_cond_destroy(&log->idle_cv);
+    pthread_cond_destroy(&log->gather_cv);
     pthread_cond_destroy(&log->done[0]);
     pthread_cond_destroy(&log->done[1]);
     pthread_mutex_destroy(&log->mu);
@@ -341,6 +352,24 @@ void ws_log_set_notify(ws_log *log, uint64_t offset, uint64_t log_bytes)
     __atomic_store_n(&log->notify_bytes, log_bytes, __ATOMIC_RELAXED);
 }
 
+#define PEAK_WINDOW 64 /* syncs (a power of two) after which `peak` forgets committers gone */
+
+static void deadline_after(struct timespec *t, uint64_t us);
+
+static uint64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+void ws_log_set_gather(ws_log *log, uint32_t max_us)
+{
+    pthread_mutex_lock(&log->mu);
+    log->gather_max_us = max_us;
+    pthread_mutex_unlock(&log->mu);
+}
+
 static int data_sync(int fd)
 {
 #if defined(__APPLE__) && defined(F_FULLFSYNC)
@@ -352,11 +381,13 @@ static int data_sync(int fd)
 
 int ws_log_wait(ws_log *log, uint64_t seq)
 {
-    int rc;
+    int rc, gathered = 0;
     if (__atomic_load_n(&log->durable, __ATOMIC_ACQUIRE) >= seq)
         return 0;
     pthread_mutex_lock(&log->mu);
     log->waiters++;
+    if (log->gathering && log->waiters >= log->peak)
+        pthread_cond_signal(&log->gather_cv); /* the leader has gathered as many as it expects */
     for (;;) {
         if (log->durable >= seq) {
             rc = 0;
@@ -375,12 +406,36 @@ int ws_log_wait(ws_log *log, uint64_t seq)
             pthread_cond_wait(&log->done[log->sync_gen & 1], &log->mu);
             continue;
         }
-        if (log->syncing || log->paused || log->fd < 0) {
+        if (log->syncing || log->gathering || log->paused || log->fd < 0) {
             /* Needs the next sync: its committers sleep apart, and one is woken to lead it. */
             pthread_cond_wait(&log->done[(log->sync_gen + 1) & 1], &log->mu);
             continue;
         }
+        if (!gathered && log->waiters < log->peak && log->gather_max_us > 0) {
+            /* Fewer committers wait than did at recent syncs: those the last sync released
+             * are publishing their next records. Wait for them, at most half a sync (and
+             * gather_max_us), so that this sync covers them too instead of leaving them
+             * to the next one. */
+            uint64_t us = log->sync_ns / 2000;
+            struct timespec until;
+            deadline_after(&until, us < log->gather_max_us ? us : log->gather_max_us);
+            log->gathering = 1;
+            while (log->waiters < log->peak && !log->closed && !log->error && !log->paused)
+                if (pthread_cond_timedwait(&log->gather_cv, &log->mu, &until) == ETIMEDOUT)
+                    break;
+            log->gathering = 0;
+            gathered = 1;
+            continue; /* the state may have changed: decide again (this time without gathering) */
+        }
         /* Lead: one fdatasync for everything published so far. */
+        if (log->waiters > log->peak_window)
+            log->peak_window = log->waiters;
+        if (log->waiters > log->peak)
+            log->peak = log->waiters;
+        if ((log->sync_gen & (PEAK_WINDOW - 1)) == 0) { /* forget committers that have gone */
+            log->peak = log->peak_window;
+            log->peak_window = 0;
+        }
         log->syncing = 1;
         uint64_t gen = ++log->sync_gen;
         uint64_t target = __atomic_load_n(&log->written, __ATOMIC_ACQUIRE);
@@ -391,12 +446,15 @@ int ws_log_wait(ws_log *log, uint64_t seq)
         int injected = log->inject_sync;
         log->inject_sync = 0;
         pthread_mutex_unlock(&log->mu);
+        uint64_t t0 = now_ns();
         int r = data_sync(fd);
         int e = r == 0 ? 0 : errno;
+        uint64_t took = now_ns() - t0;
         if (injected)
             e = injected; /* the sync ran: like a real failure, the data may or may not be there */
         pthread_mutex_lock(&log->mu);
         log->syncing = 0;
+        log->sync_ns = took;
         if (e != 0) {
             if (log->error == 0)
                 __atomic_store_n(&log->error, e, __ATOMIC_RELEASE);

@@ -81,6 +81,12 @@ void ws_log_set_log_bytes(ws_log *log, uint64_t n);
 /* When ws_log_put flags WS_LOG_NOTIFY (UINT64_MAX: never). */
 void ws_log_set_notify(ws_log *log, uint64_t offset, uint64_t log_bytes);
 
+/* Group commit's gathering: a committer about to lead a sync while fewer committers wait
+ * than did at recent syncs (those the last sync released are still publishing their
+ * next records) waits for them, at most half the last sync's time and max_us, so that
+ * one sync covers them all. 0 turns it off; a lone committer never waits. */
+void ws_log_set_gather(ws_log *log, uint32_t max_us);
+
 /* 0 once `seq` is durable; -errno of a failed fdatasync; WS_LOG_CLOSED. */
 int ws_log_wait(ws_log *log, uint64_t seq);
 

@@ -97,11 +97,48 @@ def test_a_subclass_of_store_keeps_its_own_setitem(tmp_path: Path) -> None:
         assert db.seen == "a" and db["a"] == b"1" and fast_puts(db) == 0
 
 
-def test_sync_mode_is_not_bound(tmp_path: Path) -> None:
+def test_sync_mode_puts_in_c_and_waits_for_the_fdatasync(tmp_path: Path) -> None:
+    """Sync mode: the C slot appends (a pwrite) and waits for an fdatasync that covers the
+    record before returning; the next open finds every put."""
+    with walstore.open(tmp_path / "s") as db:
+        for i in range(20):
+            db[f"k{i}"] = b"v%d" % i
+            assert db.stats()["durable_seq"] == db.last_seq  # it waited for its fdatasync
+        assert fast_puts(db) == 20
+        model = db.to_dict()
+    with walstore.open(tmp_path / "s") as db:
+        assert db.to_dict() == model
+
+
+def test_sync_mode_fast_put_reports_a_failed_fdatasync_and_poisons(tmp_path: Path) -> None:
     with walstore.open(tmp_path / "s") as db:
         db["a"] = b"1"
-        assert fast_puts(db) == 0
-        assert db.stats()["durable_seq"] == db.last_seq  # the sync commit waited for its fdatasync
+        db._writer.inject_faults(sync_errno=errno.EIO)  # type: ignore[attr-defined]
+        with pytest.raises(StorePoisonedError):
+            db["b"] = b"2"
+        assert fast_puts(db) == 2  # the failed one too: its record was appended in C
+        with pytest.raises(StorePoisonedError):
+            db["c"] = b"3"
+        assert fast_puts(db) == 2  # the gate is shut: the Python path refuses it
+
+
+def test_sync_mode_threads_share_fdatasyncs_in_c(tmp_path: Path) -> None:
+    with walstore.open(tmp_path / "s") as db:
+        def work(t: int) -> None:
+            for i in range(200):
+                db[f"t{t}-{i % 7}"] = b"%d" % i
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        stats = db.stats()
+        assert stats["durable_seq"] == db.last_seq
+        assert fast_puts(db) > 0
+        model = db.to_dict()
+    with walstore.open(tmp_path / "s") as db:
+        assert db.to_dict() == model
 
 
 # ---- the same bytes as the pure-Python writer ----------------------------------------

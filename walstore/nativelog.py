@@ -92,6 +92,11 @@ for GAP_IDLE_US is idle and the burst goes at once. One commit at most then wait
 each burst: with bursts of about `snapshot.WRITE_TARGET_S`, fewer than 1 in GAP_SYNCS
 commits is slowed, and by no more than a burst."""
 
+GATHER_MAX_US = 200
+"""Group commit: the longest a committer about to lead a sync waits for the committers
+the last sync released to publish their next records (see ws_log_set_gather; also at
+most half the last sync's time; 0 turns gathering off)."""
+
 GAP_FULL_BYTES = 8 << 20
 """A burst smaller than this (the snapshot's last, say) waits for a share of GAP_SYNCS in
 proportion to its size: the commit behind it waits that much less."""
@@ -129,6 +134,7 @@ class NativeLogWriter(LogWriter):
         if log == _ffi.NULL:
             raise MemoryError("could not allocate the log writer")
         self._log = _ffi.gc(log, _lib.ws_log_free)
+        _lib.ws_log_set_gather(log, GATHER_MAX_US)
         self._active = segment
         self._py_fsyncs = 0
         self._lazy = 0 if options.durability == SYNC else 1
@@ -284,12 +290,21 @@ class NativeLogWriter(LogWriter):
 
     def bind_fast_put(self, store: object, data: dict[Any, Any]) -> bool:
         """Let `store` (an instance of `fast_put_base()`) do `store[key] = value` in C, updating
-        `data`, for as long as this writer's gate is open; only in the lazy modes. True if bound."""
-        if not self._lazy or fast_put_base() is None:
+        `data`, for as long as this writer's gate is open (in sync mode the slot also waits for
+        the fdatasync, as `_committed` does). True if bound."""
+        if fast_put_base() is None:
             return False
         acquire, release = self._mutex.acquire, self._mutex.release  # held for the call: C keeps them
         rc = _lib.ws_fastput_bind(
-            id(store), self._log, self._fast_gate, id(self), id(data), id(acquire), id(release), id(_fp._armed)
+            id(store),
+            self._log,
+            self._fast_gate,
+            id(self),
+            id(data),
+            id(acquire),
+            id(release),
+            id(_fp._armed),
+            self._lazy,
         )
         return bool(rc == _lib.WS_FASTPUT_OK)
 
