@@ -67,6 +67,7 @@ static void wake_all(ws_log *log)
     pthread_cond_broadcast(&log->done[1]);
     pthread_cond_broadcast(&log->cv);
     pthread_cond_broadcast(&log->idle_cv);
+    pthread_cond_broadcast(&log->gather_cv);
 }
 
 static inline void put32(uint8_t *p, uint32_t v)
