@@ -188,15 +188,10 @@ static uint8_t *scratch(ws_log *log, size_t size)
     return log->scratch;
 }
 
-static int pwrite_all(ws_log *log, const uint8_t *buf, size_t size, uint64_t offset)
+/* All of buf at offset (a short write is continued); 0 or -errno. */
+static int pwrite_fd(int fd, const uint8_t *buf, size_t size, uint64_t offset)
 {
     size_t done = 0;
-    int fd = log->fd;
-    if (log->inject_write) {
-        int e = log->inject_write;
-        log->inject_write = 0;
-        return -e;
-    }
     while (done < size) {
         ssize_t w = pwrite(fd, buf + done, size - done, (off_t)(offset + done));
         if (w < 0) {
@@ -209,6 +204,16 @@ static int pwrite_all(ws_log *log, const uint8_t *buf, size_t size, uint64_t off
         done += (size_t)w;
     }
     return 0;
+}
+
+static int pwrite_all(ws_log *log, const uint8_t *buf, size_t size, uint64_t offset)
+{
+    if (log->inject_write) {
+        int e = log->inject_write;
+        log->inject_write = 0;
+        return -e;
+    }
+    return pwrite_fd(log->fd, buf, size, offset);
 }
 
 /* Frame parts: header fields, then up to three payload pieces (op header, key, value). */
@@ -541,19 +546,9 @@ int64_t ws_log_burst(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max
     struct timespec t0, t1;
     gap(log, &log->burst_fsyncs, syncs, idle_us, max_us); /* read under mu */
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    while (len > 0) {
-        ssize_t n = pwrite(fd, buf, len, (off_t)offset);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (n == 0)
-            return -EIO;
-        buf += n;
-        len -= (size_t)n;
-        offset += (uint64_t)n;
-    }
+    int rc = pwrite_fd(fd, buf, len, offset);
+    if (rc < 0)
+        return rc;
     if (data_sync(fd) != 0)
         return -errno;
     clock_gettime(CLOCK_MONOTONIC, &t1);

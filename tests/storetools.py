@@ -88,3 +88,23 @@ class FailingFileAPI(OSFileAPI):
 
 EIO = errno.EIO
 ENOSPC = errno.ENOSPC
+
+
+def next_segment_then_compaction(db: walstore.Store, path: Path, i: int) -> int:
+    """With the active segment past half (puts so far: `i`), check the next segment is being
+    prepared and gets ready, then put until an automatic compaction has run; return the
+    number of puts. For the notify thresholds of the C appends and of the C slot."""
+    thread = db._writer._prealloc_thread
+    assert thread is not None or db._writer._prealloc_ready  # started at half the segment
+    if thread is not None:
+        thread.join()
+    assert (path / "prealloc.tmp").exists()
+    while db.stats()["compactions"] == 0 and i < 20000:
+        db[f"k{i % 50}"] = b"v" * 100
+        i += 1
+        t = db._compact_thread
+        if t is not None:
+            t.join()
+    assert db.stats()["compactions"] >= 1
+    assert db.stats()["segment_rolls"] >= 3
+    return i

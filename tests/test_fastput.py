@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from storetools import segments
+from storetools import next_segment_then_compaction, segments
 
 import walstore
 from walstore import failpoints, native, nativelog, reader
@@ -236,19 +236,7 @@ def test_thresholds_reached_by_fast_puts(tmp_path: Path, durability: str) -> Non
             i += 1
         if FAST:
             assert fast_puts(db) - before == i  # every one of them in C, the crossing one too
-        thread = db._writer._prealloc_thread
-        assert thread is not None or db._writer._prealloc_ready
-        if thread is not None:
-            thread.join()
-        assert (path / "prealloc.tmp").exists()
-        while db.stats()["compactions"] == 0 and i < 20000:
-            db[f"k{i % 50}"] = b"v" * 100
-            i += 1
-            t = db._compact_thread
-            if t is not None:
-                t.join()
-        assert db.stats()["compactions"] >= 1
-        assert db.stats()["segment_rolls"] >= 3
+        i = next_segment_then_compaction(db, path, i)
         if FAST:
             assert fast_puts(db) > i * 0.9
         expected = db.to_dict()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from storetools import FailingFileAPI, segments
+from storetools import FailingFileAPI, next_segment_then_compaction, segments
 
 import walstore
 from walstore import nativelog
@@ -272,19 +272,7 @@ def test_thresholds_reached_by_c_appends(tmp_path: Path, durability: str) -> Non
         while db._writer.segment.offset < (40 << 10):
             db[f"k{i % 50}"] = b"v" * 100
             i += 1
-        thread = db._writer._prealloc_thread
-        assert thread is not None or db._writer._prealloc_ready  # started at half the segment
-        if thread is not None:
-            thread.join()
-        assert (path / "prealloc.tmp").exists()
-        while db.stats()["compactions"] == 0 and i < 20000:
-            db[f"k{i % 50}"] = b"v" * 100
-            i += 1
-            t = db._compact_thread
-            if t is not None:
-                t.join()
-        assert db.stats()["compactions"] >= 1
-        assert db.stats()["segment_rolls"] >= 3
+        next_segment_then_compaction(db, path, i)
         expected = db.to_dict()
     with walstore.open(path) as db:
         assert db.to_dict() == expected
