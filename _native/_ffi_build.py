@@ -130,6 +130,7 @@ int ws_fastput_bind(uintptr_t store, ws_log *log, const int *gate, uintptr_t wri
     + """
 int64_t ws_snapshot_frames(const ws_kv *kv, uint64_t *cursor, uint64_t chunk_bytes, uint64_t seq,
                            uint8_t *out, size_t out_size, uint64_t *records, uint64_t *need);
+void ws_snapshot_touch(uint8_t *buf, size_t len);
 """
 )
 

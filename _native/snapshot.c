@@ -66,3 +66,10 @@ int64_t ws_snapshot_frames(const ws_kv *kv, uint64_t *cursor, uint64_t chunk_byt
     }
     return (int64_t)at;
 }
+
+void ws_snapshot_touch(uint8_t *buf, size_t len)
+{
+    volatile uint8_t *p = buf;
+    for (size_t off = 0; off < len; off += 4096)
+        p[off] = 0;
+}

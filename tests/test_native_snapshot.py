@@ -747,3 +747,15 @@ def test_prepared_buffers_are_the_ones_written_from(tmp_path: Path, monkeypatch:
     unused = snapshot.PreparedBuffers()
     unused.close()
     assert unused.take(unused.size) is None
+
+
+def test_touch_pages_keeps_the_buffer_as_it_was(tmp_path: Path) -> None:
+    """native.touch_pages writes a zero into each page of a fresh (zero) buffer: nothing
+    changes but that its pages exist; a read-only buffer is refused."""
+    native = require_native()
+    buf = mmap.mmap(-1, (1 << 20) + 100)
+    native.touch_pages(buf)
+    assert buf[:] == bytes(len(buf))
+    with pytest.raises((TypeError, BufferError)):
+        native.touch_pages(b"read-only")
+    buf.close()

@@ -75,6 +75,14 @@ def crc32c_table(data: Buffer, value: int = 0) -> int:
         return int(lib.ws_crc32c_table(value & 0xFFFFFFFF, cbuf, len(cbuf)))
 
 
+def touch_pages(buf: Buffer) -> None:
+    """Make every page of a writable buffer exist (a zero written into each 4 KiB), in C
+    without the GIL, so that a later fill does not stop at a page fault per 4 KiB."""
+    lib = _require()
+    with _ffi.from_buffer(buf, require_writable=True) as cbuf:
+        lib.ws_snapshot_touch(cbuf, len(cbuf))
+
+
 def crc32c_impl() -> str:
     """The CRC32C implementation in use: "sse4.2", "armv8-crc" or "table"."""
     return str(_ffi.string(_require().ws_crc32c_impl()).decode())

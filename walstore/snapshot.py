@@ -311,18 +311,8 @@ def write_snapshot(
     return SnapshotInfo(final, seq, size_on_disk, records, ops, started, t)
 
 
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
-
-
 def _new_buffer(size: int) -> mmap.mmap:
-    """A page-aligned (as O_DIRECT wants) anonymous buffer, its pages made up front where
-    the OS can (MAP_POPULATE): one call instead of a page fault per 4 KiB as the fill
-    first touches it, which on the development VM cost about 1 ms per MiB."""
-    if _POPULATE:
-        try:
-            return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE)
-        except OSError:
-            pass
+    """A page-aligned anonymous buffer, as O_DIRECT wants."""
     return mmap.mmap(-1, size)
 
 
@@ -331,9 +321,10 @@ def _buffer_size(block: int, room: int = 0) -> int:
 
 
 class PreparedBuffers:
-    """The two write buffers of a burst-paced snapshot, made in a background thread started
-    before the state is captured, so that making their pages (64 MiB) is not on the
-    snapshot's own time. `write_snapshot(prepared=...)` takes them; close() frees any left."""
+    """The two write buffers of a burst-paced snapshot, made (their pages too, by the C
+    module) in a background thread started before the state is captured, so that making
+    their pages (64 MiB) is not on the snapshot's own time. `write_snapshot(prepared=...)`
+    takes them; close() frees any left."""
 
     def __init__(self, count: int = 2) -> None:
         self.size = _buffer_size(BURST_BYTES)
@@ -342,8 +333,13 @@ class PreparedBuffers:
         self._thread.start()
 
     def _make(self, count: int) -> None:
+        from . import native
+
         for _ in range(count):
-            self._bufs.append(_new_buffer(self.size))
+            buf = _new_buffer(self.size)
+            if native.BUILT:  # make its pages now (a fault per 4 KiB: ~1 ms per MiB on the dev VM)
+                native.touch_pages(buf)
+            self._bufs.append(buf)
 
     def take(self, size: int) -> Optional[mmap.mmap]:
         """A prepared buffer of exactly `size` bytes, or None."""
