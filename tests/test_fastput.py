@@ -100,6 +100,7 @@ def test_a_subclass_of_store_keeps_its_own_setitem(tmp_path: Path) -> None:
 def test_sync_mode_puts_in_c_and_waits_for_the_fdatasync(tmp_path: Path) -> None:
     """Sync mode: the C slot appends (a pwrite) and waits for an fdatasync that covers the
     record before returning; the next open finds every put."""
+    require_fast()
     with walstore.open(tmp_path / "s") as db:
         for i in range(20):
             db[f"k{i}"] = b"v%d" % i
@@ -111,6 +112,7 @@ def test_sync_mode_puts_in_c_and_waits_for_the_fdatasync(tmp_path: Path) -> None
 
 
 def test_sync_mode_fast_put_reports_a_failed_fdatasync_and_poisons(tmp_path: Path) -> None:
+    require_fast()
     with walstore.open(tmp_path / "s") as db:
         db["a"] = b"1"
         db._writer.inject_faults(sync_errno=errno.EIO)  # type: ignore[attr-defined]
@@ -123,6 +125,7 @@ def test_sync_mode_fast_put_reports_a_failed_fdatasync_and_poisons(tmp_path: Pat
 
 
 def test_sync_mode_threads_share_fdatasyncs_in_c(tmp_path: Path) -> None:
+    require_fast()
     with walstore.open(tmp_path / "s") as db:
         def work(t: int) -> None:
             for i in range(200):
