@@ -759,3 +759,37 @@ def test_touch_pages_keeps_the_buffer_as_it_was(tmp_path: Path) -> None:
     with pytest.raises((TypeError, BufferError)):
         native.touch_pages(b"read-only")
     buf.close()
+
+
+def test_buffers_are_prepared_only_for_a_snapshot_that_may_fill_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compaction prepares the two burst buffers (and their pages) only when the last
+    snapshot plus the segments after it could fill them: a small store's compaction does
+    not make 48 MiB of pages it never uses."""
+    from walstore import native
+
+    if not native.AVAILABLE:
+        require_native()
+        pytest.skip("the pure-Python writer has no burst writer (WALSTORE_PURE=1)")
+    made: list[int] = []
+
+    class Counting(snapshot.PreparedBuffers):
+        def __init__(self, count: int = 2) -> None:
+            made.append(count)
+            super().__init__(count)
+
+    monkeypatch.setattr(snapshot, "PreparedBuffers", Counting)
+    with walstore.open(tmp_path / "db", auto_compact=False, segment_size=1 << 20) as db:
+        for i in range(2000):
+            db[f"k{i}"] = b"v" * 100
+        assert db.compact() is not None
+        assert made == []  # a few MiB of log: no prepared buffers
+        monkeypatch.setattr(snapshot, "BURST_BYTES", 64 << 10)
+        for i in range(2000):
+            db[f"k{i}"] = b"w" * 100
+        info = db.compact()
+        assert info is not None and made == [2]
+        model = db.to_dict()
+    with walstore.open(tmp_path / "db") as db:
+        assert db.to_dict() == model

@@ -198,8 +198,8 @@ down to WRITE_MIN while one takes longer, doubled back up to BLOCK_BYTES while o
 under a third of it): a commit's fdatasync never waits behind more than about that much of
 the snapshot, on a slow disk as on a fast one."""
 
-BURST_BYTES = 32 << 20
-BURST_TARGET_S = 0.030
+BURST_BYTES = 24 << 20
+BURST_TARGET_S = 0.025
 """With a burst writer (the C log writer's, which paces each write between commits'
 syncs), the snapshot goes in bursts: a write and fdatasync of up to BURST_BYTES, cut to take
 about BURST_TARGET_S (halved while one takes longer, doubled back while one takes under a
@@ -323,7 +323,7 @@ def _buffer_size(block: int, room: int = 0) -> int:
 class PreparedBuffers:
     """The two write buffers of a burst-paced snapshot, made (their pages too, by the C
     module) in a background thread started before the state is captured, so that making
-    their pages (64 MiB) is not on the snapshot's own time. `write_snapshot(prepared=...)`
+    their pages (48 MiB) is not on the snapshot's own time. `write_snapshot(prepared=...)`
     takes them; close() frees any left."""
 
     def __init__(self, count: int = 2) -> None:

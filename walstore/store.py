@@ -222,12 +222,25 @@ class Store(DurableStore, MutableMapping[Key, Any]):
         if seq == self._snapshot_seq:
             return None
         burst = self._writer.burst_writer()  # bursts paced between commits' syncs
-        prepared = snapshot.PreparedBuffers() if burst is not None else None  # made during the capture
+        prepared = None
+        if burst is not None and self._snapshot_bound() >= 2 * snapshot.BURST_BYTES:
+            prepared = snapshot.PreparedBuffers()  # made during the capture; a small snapshot needs none
         try:
             return self._snapshot_at(seq, burst, prepared)
         finally:
             if prepared is not None:
                 prepared.close()
+
+    def _snapshot_bound(self) -> int:
+        """At most the new snapshot's size: the last snapshot plus the segment files after it."""
+        total = self._snapshot_size
+        for first, path in replay.list_segments(self.path):
+            if first > self._snapshot_seq:
+                try:
+                    total += os.path.getsize(path)
+                except FileNotFoundError:
+                    pass
+        return total
 
     def _snapshot_at(
         self, seq: int, burst: Optional[BurstWriter], prepared: Optional[snapshot.PreparedBuffers]

@@ -44,7 +44,7 @@ then write all of `data` at `offset` of `fd` and fdatasync `fd`; the seconds the
 fdatasync took (the wait not counted); OSError on failure."""
 
 _ZERO_CHUNK = bytes(1 << 20)
-PREALLOC_BURST_BYTES = 32 << 20
+PREALLOC_BURST_BYTES = 24 << 20
 """Preparing the next segment with the C writer: zeros written and fdatasynced this many
 bytes at a time, each burst on its turn between commits' syncs (a 64 MiB write and
 fdatasync in one go held a concurrent commit up for 30-40 ms on the development VM)."""
