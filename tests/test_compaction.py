@@ -44,6 +44,38 @@ def test_compact_writes_snapshot_and_drops_covered_segments(tmp_path: Path, back
         assert isinstance(db[b"bin"], bytes) and db["json"] == {"a": [1, 2]}
 
 
+def test_next_segment_is_prepared_right_after_a_roll_not_after_a_compactions(tmp_path: Path, backend: str) -> None:
+    """After an ordinary roll the next segment is prepared at once, so that a compaction's
+    seal finds it ready and waits for nothing; after the compaction's own roll it waits
+    until the new segment is half full (the snapshot's writes go first)."""
+    path = tmp_path / "db"
+    size = 1 << 20
+    with walstore.open(path, segment_size=size, auto_compact=False) as db:
+        w = db._writer
+        i = 0
+        while w.rolls == 0:
+            db[f"k{i % 100}"] = b"v" * 1000
+            i += 1
+        assert w._seg.offset * 4 < size  # the new segment is nearly empty...
+        thread = w._prealloc_thread
+        assert thread is not None or w._prealloc_ready  # ...and the next is being prepared
+        if thread is not None:
+            thread.join()
+        assert (path / fmt.PREALLOC_NAME).exists()
+        rolls = w.rolls
+        assert db.compact() is not None
+        assert w.rolls == rolls + 1  # the seal rolled into the prepared segment at once
+        assert w._prealloc_thread is None and not w._prealloc_ready
+        while w._seg.offset * 2 < size:
+            assert w._prealloc_thread is None and not w._prealloc_ready
+            db[f"k{i % 100}"] = b"v" * 1000
+            i += 1
+        assert w._prealloc_thread is not None or w._prealloc_ready  # half full: now
+        model = db.to_dict()
+    with walstore.open(path, segment_size=size) as db:
+        assert db.to_dict() == model
+
+
 def test_snapshot_alone_with_empty_log_reopens(tmp_path: Path, backend: str) -> None:
     path = tmp_path / "db"
     with walstore.open(path, auto_compact=False) as db:

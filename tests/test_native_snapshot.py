@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -376,7 +377,6 @@ def test_c_copy_runs_without_the_gil(native: Any) -> None:
     Python thread runs during it. With a 1 s switch interval the main thread would otherwise
     keep the GIL for the whole call (tens of ms for 64 MiB), and the counter could not move."""
     import sys
-    import threading
 
     value = bytes(range(256)) * 1024  # 256 KiB
     log = commit_log([[fmt.encode_op(PUT, 0, f"{i:04d}".encode(), value)] for i in range(256)])
@@ -793,3 +793,37 @@ def test_buffers_are_prepared_only_for_a_snapshot_that_may_fill_them(
         model = db.to_dict()
     with walstore.open(tmp_path / "db") as db:
         assert db.to_dict() == model
+
+
+def test_buffers_are_made_at_idle_cpu_priority(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread that makes the burst buffers' pages runs at idle CPU priority (SCHED_IDLE,
+    where Linux has it): on two cores it must not keep a committer waiting for a core."""
+    policies: list[int] = []
+    real = snapshot.idle_priority
+
+    def recording() -> bool:
+        ok = real()
+        policies.append(os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else -1)
+        return ok
+
+    monkeypatch.setattr(snapshot, "idle_priority", recording)
+    prepared = snapshot.PreparedBuffers(count=1)
+    prepared.close()
+    assert len(policies) == 1
+    if hasattr(os, "SCHED_IDLE"):
+        assert policies == [os.SCHED_IDLE]
+    main_policy = os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else -1
+    assert main_policy != getattr(os, "SCHED_IDLE", -2)  # only that thread
+
+
+def test_idle_priority_applies_to_the_calling_thread_only() -> None:
+    """idle_priority() changes the calling thread's policy, not the process's other threads."""
+    if not hasattr(os, "SCHED_IDLE"):
+        assert snapshot.idle_priority() is False
+        return
+    seen: list[tuple[bool, int]] = []
+    t = threading.Thread(target=lambda: seen.append((snapshot.idle_priority(), os.sched_getscheduler(0))))
+    t.start()
+    t.join()
+    assert seen == [(True, os.SCHED_IDLE)]
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER

@@ -320,10 +320,26 @@ def _buffer_size(block: int, room: int = 0) -> int:
     return _round_up(max(block, room) + 2 * ALIGN, ALIGN)
 
 
+def idle_priority() -> bool:
+    """Run the calling thread at idle CPU priority (Linux SCHED_IDLE) from now on; False
+    where that is not available. For helper threads whose work can wait: with two cores,
+    one such thread making pages while the compaction replays and the writer commits
+    left the writer's thread waiting 2 to 4 ms for a core after an fdatasync, every
+    8 ms or so; at idle priority it takes a core at once."""
+    policy = getattr(os, "SCHED_IDLE", None)
+    if policy is None or not hasattr(os, "sched_setscheduler"):
+        return False
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(0))  # 0: the calling thread
+    except OSError:
+        return False
+    return True
+
+
 class PreparedBuffers:
     """The two write buffers of a burst-paced snapshot, made (their pages too, by the C
-    module) in a background thread started before the state is captured, so that making
-    their pages (48 MiB) is not on the snapshot's own time. `write_snapshot(prepared=...)`
+    module) in a background thread at idle CPU priority started before the state is
+    captured, so that making their pages (48 MiB) is not on the snapshot's own time. `write_snapshot(prepared=...)`
     takes them; close() frees any left."""
 
     def __init__(self, count: int = 2) -> None:
@@ -335,6 +351,7 @@ class PreparedBuffers:
     def _make(self, count: int) -> None:
         from . import native
 
+        idle_priority()
         for _ in range(count):
             buf = _new_buffer(self.size)
             if native.BUILT:  # make its pages now (a fault per 4 KiB: ~1 ms per MiB on the dev VM)

@@ -639,7 +639,7 @@ class LogWriter:
         self._seg = new
         self._attach(new)
         self.rolls += 1
-        self._maybe_prealloc()
+        self._maybe_prealloc(after_roll=not seal_later)
         if seal_later:
             return old
         self._seal(old, locked=True)
@@ -674,13 +674,16 @@ class LogWriter:
         self._prealloc_ready = False
         return ready
 
-    def _maybe_prealloc(self) -> None:
-        """Start preparing the next segment once the active one is half full."""
+    def _maybe_prealloc(self, after_roll: bool = False) -> None:
+        """Start preparing the next segment right after a roll, or once the active one is
+        half full (after open, and after a compaction's roll: the compaction's own writes
+        come first). So a compaction almost always finds the next segment ready, and its
+        seal does not wait for 64 MiB of zeros paced between commits."""
         if (
             self._opts.preallocate
             and self._prealloc_thread is None
             and not self._prealloc_ready
-            and self._seg.offset * 2 >= self._opts.segment_size
+            and (after_roll or self._seg.offset * 2 >= self._opts.segment_size)
         ):
             self._start_prealloc()
 
