@@ -47,6 +47,7 @@ if BUILT:
     _put = _lib.ws_log_put
     _put_op = _lib.ws_log_put_op
     _wait = _lib.ws_log_wait
+    _last_seq = _lib.ws_log_last_seq
     _NOTIFY = _lib.WS_LOG_NOTIFY
     _SEQ = _NOTIFY - 1
     _NO_ROOM = _lib.WS_LOG_NO_ROOM
@@ -248,13 +249,14 @@ class NativeLogWriter(LogWriter):
         with self._mutex:
             if self._closed or self._poison is not None:
                 self._check_usable()
-            r = _put(self._log, fmt.REC_COMMIT, payload, len(payload), lazy)
-            if r > 0:
-                try:
+            before, r = _last_seq(self._log), 0
+            try:
+                r = _put(self._log, fmt.REC_COMMIT, payload, len(payload), lazy)
+                if r > 0:
                     apply()
-                except BaseException as exc:
-                    self._apply_failed(r & _SEQ, exc)
-            elif r < _NO_ROOM and r != _TOO_BIG:
+            except BaseException as exc:  # apply failed, or an interrupt right after the append
+                self._unapplied(r, before, exc)
+            if r <= 0 and r < _NO_ROOM and r != _TOO_BIG:
                 self._append_failed(r, len(payload))
         return self._committed(r, lazy) if r > 0 else super().commit(payload, apply, durability)
 
@@ -275,13 +277,14 @@ class NativeLogWriter(LogWriter):
         with self._mutex:
             if self._closed or self._poison is not None:
                 self._check_usable()
-            r = _put_op(self._log, op | flags << 8, key, len(key), value, len(value), lazy)
-            if r > 0:
-                try:
+            before, r = _last_seq(self._log), 0
+            try:
+                r = _put_op(self._log, op | flags << 8, key, len(key), value, len(value), lazy)
+                if r > 0:
                     apply(arg1, arg2)
-                except BaseException as exc:
-                    self._apply_failed(r & _SEQ, exc)
-            elif r < _NO_ROOM and r != _TOO_BIG:
+            except BaseException as exc:  # apply failed, or an interrupt right after the append
+                self._unapplied(r, before, exc)
+            if r <= 0 and r < _NO_ROOM and r != _TOO_BIG:
                 self._append_failed(r, fmt.OP_HEADER_SIZE + len(key) + len(value))
         if r <= 0:  # no room (a roll) or too big: the reference path; nothing was written
             return super().commit_op(op, flags, key, value, apply, arg1, arg2, durability)
@@ -319,10 +322,17 @@ class NativeLogWriter(LogWriter):
         return r
 
     def _apply_failed(self, seq: int, exc: BaseException) -> NoReturn:
-        self._poison_with(exc)
-        raise StorePoisonedError(
-            f"applying commit {seq} failed after it was logged: {exc!r}; reopen the store"
-        ) from exc
+        """(Lock held.) The C slot's dict update failed after its append (fastput.c)."""
+        self._logged_not_applied(seq, exc)
+
+    def _unapplied(self, r: int, before: int, exc: BaseException) -> NoReturn:
+        """(Lock held.) `exc` was raised between a C append and the end of its apply. If
+        the record is in the log (`r` is its seq, or an interrupt came before `r` was set
+        but the log's last seq moved on from `before`), the state lags the log: poison."""
+        last = int(_last_seq(self._log))
+        if r > 0 or last != before:
+            self._logged_not_applied(r & _SEQ if r > 0 else last, exc)
+        raise exc
 
     def _append_failed(self, rc: int, payload_size: int) -> NoReturn:
         """(Lock held.) A C append returned an error: nothing was published."""

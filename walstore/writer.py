@@ -238,6 +238,19 @@ class LogWriter:
             self._poison = exc
         self._wake()
 
+    def _logged_not_applied(self, seq: int, exc: BaseException) -> NoReturn:
+        """(Lock held.) Commit `seq` is in the log but `exc` came before it was applied to
+        the state (apply raised, or an interrupt such as KeyboardInterrupt came between the
+        write and the apply): the state lags the log, so the store refuses writes until it
+        is reopened (which rebuilds the state from the log). An Exception becomes
+        StorePoisonedError; KeyboardInterrupt and SystemExit are raised as they are."""
+        self._poison_with(exc)
+        if isinstance(exc, Exception):
+            raise StorePoisonedError(
+                f"applying commit {seq} failed after it was logged: {exc!r}; reopen the store"
+            ) from exc
+        raise exc
+
     # ---- commit ----------------------------------------------------------------
 
     def commit(self, payload: bytes, apply: Callable[[], None], durability: Optional[str] = None) -> int:
@@ -358,31 +371,32 @@ class LogWriter:
             raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
         m = seg.mapping
         end = seg.offset + len(frame)
-        if m is not None and end <= seg.file_size and mode != SYNC:
-            # Lazy modes copy into the map: no syscall. A sync commit pays an fdatasync
-            # anyway, and a page dirtied through the map costs that fdatasync more (it
-            # must be write-protected again) than a pwrite does.
-            m[seg.offset : end] = frame
-            seg.offset = end
-        else:
-            self._write(frame)
-        if _fp._armed:
-            _fp.hit("commit.after_write")
-        if self._prealloc_thread is None and seg.offset * 2 >= self._seg_size:
-            self._maybe_prealloc()
-        self._last_seq = seq
-        self._written_seq = seq
-        self.log_bytes += size
         try:
+            if m is not None and end <= seg.file_size and mode != SYNC:
+                # Lazy modes copy into the map: no syscall. A sync commit pays an fdatasync
+                # anyway, and a page dirtied through the map costs that fdatasync more (it
+                # must be write-protected again) than a pwrite does.
+                m[seg.offset : end] = frame
+                seg.offset = end
+            else:
+                self._write(frame)
+            if _fp._armed:
+                _fp.hit("commit.after_write")
+            if self._prealloc_thread is None and seg.offset * 2 >= self._seg_size:
+                self._maybe_prealloc()
+            self._last_seq = seq
+            self._written_seq = seq
+            self.log_bytes += size
             if arg1 is None:
                 apply()
             else:
                 apply(arg1, arg2)
+        except (DiskFullError, StorePoisonedError):
+            raise  # the write path decided: nothing was logged, or the store is poisoned
         except BaseException as exc:
-            self._poison_with(exc)
-            raise StorePoisonedError(
-                f"applying commit {seq} failed after it was logged: {exc!r}; reopen the store"
-            ) from exc
+            if seg.offset >= end:  # the record is in the log (an interrupt before that: it is not)
+                self._logged_not_applied(seq, exc)
+            raise
         if _fp._armed:
             _fp.hit("commit.after_apply")
         return mode == SYNC
