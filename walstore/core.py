@@ -14,13 +14,21 @@ import fcntl
 import json
 import os
 import secrets
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from . import format as fmt
 from . import reader, replay, snapshot
-from .errors import CorruptionError, NotAStoreError, StoreClosedError, StoreLockedError, WalstoreError
+from .errors import (
+    CorruptionError,
+    NotAStoreError,
+    StoreClosedError,
+    StoreForkedError,
+    StoreLockedError,
+    WalstoreError,
+)
 from .fileapi import DEFAULT, OSFileAPI
 from .nativelog import make_writer
 from .writer import DURABILITY_MODES, ActiveSegment, LogWriter, WriterOptions, create_segment
@@ -250,6 +258,25 @@ class LogCore:
             self.lock.release()
             raise
         self._closed = False
+        self._forked: Optional[str] = None
+        self._owner_pid = os.getpid()
+        _open_cores.add(self)
+
+    def _detach_in_fork_child(self) -> None:
+        """(In a fork() child, the only thread.) Closed from now on, for reads too (the
+        parent's state moves on), with StoreForkedError; close() touches neither the parent's
+        files nor its writer lock: a CLOSE record or a cut segment would break the parent's
+        log, and unlocking the shared lock file would unlock it for the parent too."""
+        if self._closed:
+            return
+        self._forked = (
+            f"store {self.path!r} was opened by process {self._owner_pid}; this process"
+            f" ({os.getpid()}) is a fork() child of it and cannot use it (the log and the"
+            " writer lock are the parent's, and the state it inherited goes stale); open the"
+            " store in the child once the parent has closed it"
+        )
+        self._closed = True
+        self.writer.detach_in_fork_child(self._forked)
 
     def _load_snapshot(self) -> tuple[int, list[tuple[str, CorruptionError]]]:
         """Feed the newest valid snapshot to the replayer; return its seq (0: none) and the rejected."""
@@ -300,6 +327,8 @@ class LogCore:
 
     def check_open(self) -> None:
         if self._closed:
+            if self._forked is not None:
+                raise StoreForkedError(self._forked)
             raise StoreClosedError(f"store {self.path!r} is closed")
 
     def wait_durable(self, seq: int) -> None:
@@ -317,6 +346,7 @@ class LogCore:
         if self._closed:
             return
         self._closed = True
+        _open_cores.discard(self)
         try:
             self.writer.close()
         finally:
@@ -328,6 +358,21 @@ class LogCore:
         if self._closed:
             return
         self._closed = True
+        _open_cores.discard(self)
         self.writer.abandon()
         self.release_buffers()
         self.lock.release()
+
+
+_open_cores: weakref.WeakSet[LogCore] = weakref.WeakSet()
+"""The stores open in this process, for `_after_fork_in_child`."""
+
+
+def _after_fork_in_child() -> None:
+    for core in list(_open_cores):
+        core._detach_in_fork_child()
+    _open_cores.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

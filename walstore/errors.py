@@ -11,6 +11,12 @@ class StoreClosedError(WalstoreError):
     """The store was closed; open it again to use it."""
 
 
+class StoreForkedError(StoreClosedError):
+    """This process is a fork() child of the one that opened the store: the log, its
+    locks and the writer lock belong to the parent, so in the child the store is closed
+    (close() writes nothing); open the store in the child once the parent has closed it."""
+
+
 class TransactionClosedError(WalstoreError):
     """The transaction's block has ended; start a new transaction."""
 

@@ -321,6 +321,10 @@ class NativeLogWriter(LogWriter):
             self._await_durable(r)
         return r
 
+    def detach_in_fork_child(self, why: str) -> None:
+        self._fast_gate[0] = 0  # the C slot sends every put to Python, which refuses it
+        super().detach_in_fork_child(why)
+
     def _apply_failed(self, seq: int, exc: BaseException) -> NoReturn:
         """(Lock held.) The C slot's dict update failed after its append (fastput.c)."""
         self._logged_not_applied(seq, exc)

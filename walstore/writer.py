@@ -29,7 +29,7 @@ from typing import Any, NoReturn, Optional
 
 from . import failpoints as _fp
 from . import format as fmt
-from .errors import DiskFullError, StoreClosedError, StorePoisonedError
+from .errors import DiskFullError, StoreClosedError, StoreForkedError, StorePoisonedError
 from .failpoints import hit
 from .fileapi import OSFileAPI
 
@@ -171,6 +171,7 @@ class LogWriter:
         self._prealloc_thread: Optional[threading.Thread] = None
         self._prealloc_ready = False
         self._uncut: Optional[ActiveSegment] = None  # sealed for a snapshot, cut by finish_seal
+        self._forked: Optional[str] = None  # why writes are refused in a fork() child
         self._flusher: Optional[threading.Thread] = None
         self._stop_flusher = threading.Event()
         self._attach(segment)
@@ -205,6 +206,8 @@ class LogWriter:
 
     def _check_usable(self) -> None:
         if self._closed:
+            if self._forked is not None:
+                raise StoreForkedError(self._forked)
             raise StoreClosedError("the store is closed")
         if self._poison is not None:
             raise StorePoisonedError(
@@ -232,6 +235,15 @@ class LogWriter:
     def _detach(self, seg: ActiveSegment) -> None:
         """Stop writing to `seg` (before it is truncated or closed)."""
         seg.unmap()
+
+    def detach_in_fork_child(self, why: str) -> None:
+        """(In a fork() child, the only thread.) Refuse every write with StoreForkedError(why)
+        and make close() a no-op, touching no file. The locks are new ones: a thread of the
+        parent may have held the old ones at the fork, and it does not exist here."""
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
+        self._forked = why
+        self._closed = True
 
     def _poison_with(self, exc: BaseException) -> None:
         if self._poison is None:
@@ -743,6 +755,8 @@ class LogWriter:
         Two syncs: the CLOSE record's watermark claims every record before it is
         durable, which is only true once the first sync has returned.
         """
+        if self._forked is not None:
+            return  # a fork() child: the files are the parent's
         try:
             self.finish_seal(())  # a segment a failed compaction sealed
         except StorePoisonedError:
