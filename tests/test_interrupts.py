@@ -9,6 +9,7 @@ the log, nothing happened and the store goes on.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,15 @@ from walstore import failpoints, nativelog
 from walstore.errors import StorePoisonedError
 
 
-def c_writer(db: walstore.Store) -> bool:
-    return isinstance(db._writer, nativelog.NativeLogWriter)
+def require_c_writer(db: walstore.Store) -> None:
+    """Skip (fail under WALSTORE_REQUIRE_NATIVE=1 unless WALSTORE_PURE=1) where `db`
+    does not run on the C writer, closing it."""
+    if isinstance(db._writer, nativelog.NativeLogWriter):
+        return
+    db.close()
+    if os.environ.get("WALSTORE_REQUIRE_NATIVE") == "1" and os.environ.get("WALSTORE_PURE") != "1":
+        pytest.fail("the C writer is not in use, and WALSTORE_REQUIRE_NATIVE=1")
+    pytest.skip("the C writer is not in use here (WALSTORE_PURE=1 or no build)")
 
 
 def interrupt_after(real: Callable[..., Any]) -> Callable[..., Any]:
@@ -53,9 +61,7 @@ def test_interrupt_after_the_c_append_poisons(
     the KeyboardInterrupt is raised as it is, and a reopen has the commit."""
     path = tmp_path / "db"
     db = walstore.open(path, durability=durability)
-    if not c_writer(db):
-        db.close()
-        pytest.skip("the C writer is not in use here (WALSTORE_PURE=1 or no build)")
+    require_c_writer(db)
     db["a"] = 1
     db["b"] = 2
     name = "_put" if how == "transaction" else "_put_op"
@@ -88,8 +94,7 @@ def test_interrupt_before_the_c_append_changes_nothing(
     is not poisoned and takes the next write."""
     path = tmp_path / "db"
     with walstore.open(path) as db:
-        if not c_writer(db):
-            pytest.skip("the C writer is not in use here (WALSTORE_PURE=1 or no build)")
+        require_c_writer(db)
         db["a"] = 1
         name = "_put" if how == "transaction" else "_put_op"
         monkeypatch.setattr(nativelog, name, interrupt_instead)
