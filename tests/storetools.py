@@ -98,7 +98,7 @@ def next_segment_then_compaction(db: walstore.Store, path: Path, i: int) -> int:
     assert thread is not None or db._writer._prealloc_ready  # started at half the segment
     if thread is not None:
         thread.join()
-    assert (path / "prealloc.tmp").exists()
+    assert (path / fmt.PREALLOC_READY_NAME).exists()
     while db.stats()["compactions"] == 0 and i < 20000:
         db[f"k{i % 50}"] = b"v" * 100
         i += 1

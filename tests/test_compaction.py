@@ -61,7 +61,7 @@ def test_next_segment_is_prepared_right_after_a_roll_not_after_a_compactions(tmp
         assert thread is not None or w._prealloc_ready  # ...and the next is being prepared
         if thread is not None:
             thread.join()
-        assert (path / fmt.PREALLOC_NAME).exists()
+        assert (path / fmt.PREALLOC_READY_NAME).exists()
         rolls = w.rolls
         assert db.compact() is not None
         assert w.rolls == rolls + 1  # the seal rolled into the prepared segment at once

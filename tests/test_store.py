@@ -235,3 +235,60 @@ def test_unknown_durability_is_refused_and_writes_nothing(tmp_path: Path) -> Non
             walstore.open(tmp_path / "other", durability="fast")
         assert len(db) == 0 and db.last_seq == 0
 
+
+
+def _prepare_next_segment(db: walstore.Store, size: int) -> None:
+    """Put until the next segment is prepared (the active one half full); wait for it."""
+    w = db._writer
+    i = 0
+    while w._prealloc_thread is None and not w._prealloc_ready:
+        db[f"k{i % 100}"] = b"v" * 1000
+        i += 1
+    assert w._seg.offset * 2 >= size  # not before half full
+    thread = w._prealloc_thread
+    if thread is not None:
+        thread.join()
+
+
+def test_prepared_segment_is_kept_across_close_and_open(tmp_path: Path, backend: str) -> None:
+    """The next segment a writer prepared (zeros written and fsynced, then named
+    prealloc.ready) is taken by the next open's first roll, not written again."""
+    path = tmp_path / "db"
+    size = 1 << 20
+    with walstore.open(path, segment_size=size) as db:
+        _prepare_next_segment(db, size)
+        model = db.to_dict()
+    ready = path / fmt.PREALLOC_READY_NAME
+    assert ready.stat().st_size == size and not (path / fmt.PREALLOC_NAME).exists()
+    assert ready.read_bytes() == bytes(size)
+    inode = ready.stat().st_ino
+    with walstore.open(path, segment_size=size) as db:
+        w = db._writer
+        assert w._prealloc_ready and w._prealloc_thread is None  # adopted: nothing written
+        rolls, i = w.rolls, 0
+        while w.rolls == rolls:
+            db[f"n{i}"] = b"w" * 1000
+            i += 1
+        assert os.stat(w._seg.path).st_ino == inode  # the roll renamed it into place
+        assert not ready.exists() or ready.stat().st_ino != inode  # (the next one, after the roll)
+        model = db.to_dict()
+    with walstore.open(path, segment_size=size) as db:
+        assert db.to_dict() == model
+
+
+@pytest.mark.parametrize("reopen_with", [{"segment_size": 2 << 20}, {"preallocate": False}])
+def test_prepared_segment_that_does_not_fit_is_removed_at_open(
+    tmp_path: Path, reopen_with: dict[str, object]
+) -> None:
+    """A prepared segment of another size, or one left when preallocation is now off, is
+    removed at open and never becomes a segment."""
+    path = tmp_path / "db"
+    size = 1 << 20
+    with walstore.open(path, segment_size=size) as db:
+        _prepare_next_segment(db, size)
+        model = db.to_dict()
+    assert (path / fmt.PREALLOC_READY_NAME).exists()
+    with walstore.open(path, **{"segment_size": size, **reopen_with}) as db:  # type: ignore[arg-type]
+        assert not db._writer._prealloc_ready
+        assert not (path / fmt.PREALLOC_READY_NAME).exists()
+        assert db.to_dict() == model

@@ -66,6 +66,7 @@ IDENTITY_NAME = "IDENTITY"
 LOCK_NAME = "LOCK"
 QUARANTINE_DIR = "quarantine"
 PREALLOC_NAME = "prealloc.tmp"
+PREALLOC_READY_NAME = "prealloc.ready"
 TMP_SUFFIX = ".tmp"
 
 _ZERO_PAD = bytes(ALIGN)

@@ -169,7 +169,7 @@ class LogWriter:
         self.fsyncs = 0
         self.rolls = 0
         self._prealloc_thread: Optional[threading.Thread] = None
-        self._prealloc_ready = False
+        self._prealloc_ready = self._adopt_prealloc()
         self._uncut: Optional[ActiveSegment] = None  # sealed for a snapshot, cut by finish_seal
         self._forked: Optional[str] = None  # why writes are refused in a fork() child
         self._flusher: Optional[threading.Thread] = None
@@ -700,6 +700,20 @@ class LogWriter:
         self._prealloc_ready = False
         return ready
 
+    def _adopt_prealloc(self) -> bool:
+        """Keep the next segment an earlier writer prepared (prealloc.ready: segment_size
+        zero bytes, fsynced before it got that name) if it has this store's segment size
+        and preallocation is on; else remove it. So an open does not write 64 MiB again."""
+        path = os.path.join(self._dir, fmt.PREALLOC_READY_NAME)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            return False
+        if self._opts.preallocate and size == self._opts.segment_size:
+            return True
+        self._fs.unlink(path)
+        return False
+
     def _maybe_prealloc(self, after_roll: bool = False) -> None:
         """Start preparing the next segment right after a roll, or once the active one is
         half full (after open, and after a compaction's roll: the compaction's own writes
@@ -722,8 +736,9 @@ class LogWriter:
         t.start()
 
     def _prealloc(self) -> None:
-        """Prepare prealloc.tmp: segment_size zero bytes, written and fsynced (in bursts
-        paced between commits' syncs where this writer has a burst writer)."""
+        """Prepare the next segment: segment_size zero bytes written to prealloc.tmp and
+        fsynced (in bursts paced between commits' syncs where this writer has a burst
+        writer), then renamed prealloc.ready, which the next roll, or the next open, takes."""
         path = os.path.join(self._dir, fmt.PREALLOC_NAME)
         burst = self.burst_writer()
         try:
@@ -738,6 +753,9 @@ class LogWriter:
                         burst(fd, zeros[: min(len(zeros), self._opts.segment_size - pos)], pos)
             finally:
                 self._fs.close(fd)
+            # Named ready only once its zeros are on disk; without a directory fsync, a
+            # crash may leave the old name, which the next open removes.
+            self._fs.rename(path, os.path.join(self._dir, fmt.PREALLOC_READY_NAME))
             self._prealloc_ready = True
         except OSError:
             # A full disk or an I/O error here only costs the next roll its head start;
@@ -818,7 +836,7 @@ def create_segment(
     """
     final = os.path.join(directory, fmt.segment_name(first_seq))
     header = fmt.FileHeader(fmt.KIND_SEGMENT, store_id, first_seq, prev_seq, prev_size).encode()
-    prealloc_path = os.path.join(directory, fmt.PREALLOC_NAME)
+    prealloc_path = os.path.join(directory, fmt.PREALLOC_READY_NAME)
     tmp = prealloc_path if prealloc_ready else final + fmt.TMP_SUFFIX
     fd = -1
     try:
