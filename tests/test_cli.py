@@ -138,6 +138,25 @@ def test_clean_store(tmp_path: Path) -> None:
     assert not (p / "quarantine").exists()
 
 
+def test_info_shows_the_prepared_next_segment(tmp_path: Path) -> None:
+    """prealloc.ready is named in `info` (text and JSON) as not part of the state."""
+    p = tmp_path / "s"
+    with walstore.open(p, segment_size=1 << 20) as db:
+        for i in range(600):  # past half the segment: the next one is prepared
+            db[f"k{i}"] = b"v" * 1000
+        thread = db._writer._prealloc_thread
+        if thread is not None:
+            thread.join()
+    assert (p / fmt.PREALLOC_READY_NAME).exists()
+    info = wal("info", p)
+    assert info.returncode == 0, info.stderr
+    assert "prepared     prealloc.ready  1,048,576 B" in info.stdout and "not part of the state" in info.stdout
+    assert json.loads(wal("info", p, "--json").stdout)["prepared_segment_bytes"] == 1 << 20
+    (p / fmt.PREALLOC_READY_NAME).unlink()
+    assert "prepared     " not in wal("info", p).stdout
+    assert json.loads(wal("info", p, "--json").stdout)["prepared_segment_bytes"] is None
+
+
 def test_truncated_file(tmp_path: Path) -> None:
     p = build(tmp_path / "s", close=False)
     seg = segments(p)[-1]

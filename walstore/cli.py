@@ -256,6 +256,9 @@ def _info_text(a: recover.Analysis) -> str:
     lines.append(f"segments     {len(a.segments)} ({_n(total)} bytes)")
     for s in a.segments:
         lines.append(f"  {s.name}  {_seq_range(s):<18} {_n(s.size):>12} B  {s.describe_verdict()}")
+    if a.prepared_bytes is not None:
+        lines.append(f"prepared     {fmt.PREALLOC_READY_NAME}  {_n(a.prepared_bytes)} B of zeros: the next"
+                     " segment, taken by the next roll (not part of the state)")
     lines.append(f"verdict      {_verdict_line(a)}")
     if a.state is not None:
         if a.verdict == "corruption":

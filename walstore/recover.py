@@ -459,6 +459,8 @@ class Analysis:
     state: Optional[StateSummary] = None
     state_note: str = ""
     quarantine_files: int = 0
+    prepared_bytes: Optional[int] = None
+    """Size of prealloc.ready, the next segment prepared in advance (None: there is none)."""
     interrupted_runs: list[str] = field(default_factory=list)
     buffers: list[Buffer] = field(default_factory=list)
 
@@ -519,6 +521,7 @@ class Analysis:
             ),
             "state_note": self.state_note or None,
             "quarantine_files": self.quarantine_files,
+            "prepared_segment_bytes": self.prepared_bytes,
             "interrupted_recover_runs": self.interrupted_runs,
         }
 
@@ -701,6 +704,10 @@ def analyze(
     except BaseException:
         analysis.close()
         raise
+    try:
+        analysis.prepared_bytes = os.stat(os.path.join(path, fmt.PREALLOC_READY_NAME)).st_size
+    except FileNotFoundError:
+        pass
     qdir = os.path.join(path, fmt.QUARANTINE_DIR)
     if os.path.isdir(qdir):
         analysis.quarantine_files = sum(len(files) for _d, _s, files in os.walk(qdir))
