@@ -292,3 +292,30 @@ def test_prepared_segment_that_does_not_fit_is_removed_at_open(
         assert not db._writer._prealloc_ready
         assert not (path / fmt.PREALLOC_READY_NAME).exists()
         assert db.to_dict() == model
+
+
+@pytest.mark.parametrize("how", ["setitem", "put", "transaction"])
+def test_record_over_the_limit_is_refused_and_writes_nothing(tmp_path: Path, backend: str, how: str) -> None:
+    """A commit whose payload would pass MAX_PAYLOAD (1 GiB) raises RecordTooLargeError,
+    a WalstoreError and a ValueError; nothing is written and the store goes on."""
+    path = tmp_path / "db"
+    with walstore.open(path) as db:
+        db["a"] = b"1"
+        seq = db.last_seq
+        value = bytes(fmt.MAX_PAYLOAD - fmt.OP_HEADER_SIZE)  # with the 1-byte key: one byte over
+        with pytest.raises(walstore.RecordTooLargeError, match="record limit; nothing was written") as err:
+            if how == "setitem":
+                db["k"] = value
+            elif how == "put":
+                db.put("k", value, durability="sync")
+            else:
+                with db.transaction() as tx:
+                    tx["k"] = value[: len(value) // 2]
+                    tx["j"] = value[: len(value) // 2]
+        del value
+        assert isinstance(err.value, walstore.WalstoreError) and isinstance(err.value, ValueError)
+        assert db.last_seq == seq and "k" not in db and "j" not in db
+        db["b"] = b"2"
+        model = db.to_dict()
+    with walstore.open(path) as db:
+        assert db.to_dict() == model == {"a": b"1", "b": b"2"}

@@ -73,6 +73,11 @@ class DiskFullError(WalstoreError, OSError):
     """The disk is full. The commit was not written and the state is unchanged."""
 
 
+class RecordTooLargeError(WalstoreError, ValueError):
+    """A commit whose record payload would exceed the format's limit (MAX_PAYLOAD, 1 GiB).
+    Nothing was written and the state is unchanged."""
+
+
 class CodecError(WalstoreError, TypeError):
     """A value the codec cannot encode (nothing was written) or decode."""
 

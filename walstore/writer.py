@@ -29,7 +29,7 @@ from typing import Any, NoReturn, Optional
 
 from . import failpoints as _fp
 from . import format as fmt
-from .errors import DiskFullError, StoreClosedError, StoreForkedError, StorePoisonedError
+from .errors import DiskFullError, RecordTooLargeError, StoreClosedError, StoreForkedError, StorePoisonedError
 from .failpoints import hit
 from .fileapi import OSFileAPI
 
@@ -129,6 +129,12 @@ def write_zeros(fs: OSFileAPI, fd: int, start: int, end: int) -> None:
         n = min(len(_ZERO_CHUNK), end - pos)
         fs.pwrite(fd, memoryview(_ZERO_CHUNK)[:n], pos)
         pos += n
+
+
+def _too_large(n: int) -> NoReturn:
+    raise RecordTooLargeError(
+        f"a commit of {n:,} bytes exceeds the {fmt.MAX_PAYLOAD:,}-byte record limit; nothing was written"
+    )
 
 
 class LogWriter:
@@ -273,7 +279,7 @@ class LogWriter:
         """
         n = len(payload)
         if n > fmt.MAX_PAYLOAD:
-            raise ValueError(f"a commit of {n} bytes exceeds the {fmt.MAX_PAYLOAD}-byte record limit")
+            _too_large(n)
         size = _HS + ((n + 7) & ~7)
         with self._mutex:
             seg = self._seg
@@ -306,7 +312,7 @@ class LogWriter:
         """
         n = fmt.OP_HEADER_SIZE + len(key) + len(value)
         if n > fmt.MAX_PAYLOAD:
-            raise ValueError(f"a commit of {n} bytes exceeds the {fmt.MAX_PAYLOAD}-byte record limit")
+            _too_large(n)
         size = _HS + ((n + 7) & ~7)
         with self._mutex:
             seg = self._seg
