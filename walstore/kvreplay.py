@@ -57,6 +57,18 @@ def kv_error(code: int, offset: int, note: str = "") -> Exception:
     return ReplayError(f"record at offset {offset}: {_MESSAGES.get(code, f'error {code}')}")
 
 
+def decoded(kb: bytes, key_str: int, vb: bytes, kind: int, decode: Callable[[bytes], Any]) -> tuple[Any, Any]:
+    """A replayed entry as the store holds it: a str key where `key_str` (fmt.KEY_STR) is
+    set, else bytes; a str, decode(vb) or bytes value by `kind` (VALUE_*_FLAG). The key
+    is decoded first, so a bad key raises before the value is looked at."""
+    key = kb.decode("utf-8") if key_str else kb
+    if kind == VALUE_STR_FLAG:
+        return key, vb.decode("utf-8")
+    if kind == VALUE_CODEC_FLAG:
+        return key, decode(vb)
+    return key, vb
+
+
 class KVReplayerLike(Protocol):
     """What `make_kv_replayer` returns."""
 
@@ -154,13 +166,8 @@ class PyKVReplayer:
         raw, self._raw = self._raw, {}
         out: dict[Any, Any] = {}
         for (kb, kstr), (vb, vkind) in raw.items():
-            key = kb.decode("utf-8") if kstr else kb
-            if vkind == VALUE_STR_FLAG:
-                out[key] = vb.decode("utf-8")
-            elif vkind == VALUE_CODEC_FLAG:
-                out[key] = decode(vb)
-            else:
-                out[key] = vb
+            key, value = decoded(kb, kstr, vb, vkind, decode)
+            out[key] = value
         return out
 
     def snapshot_payloads(self, chunk_bytes: int = SNAPSHOT_CHUNK_BYTES) -> Generator[bytes, None, None]:

@@ -21,10 +21,9 @@ from . import reader
 from .kvreplay import (
     KV_EFAILED,
     SNAPSHOT_CHUNK_BYTES,
-    VALUE_CODEC_FLAG,
-    VALUE_STR_FLAG,
     Buffer,
     check_chunk_bytes,
+    decoded,
     kv_error,
 )
 from .reader import ScanResult
@@ -272,14 +271,8 @@ class KVReplayer:
             for it in items[0:n]:
                 kb = _ffi.buffer(it.key, it.klen)[:]
                 vb = _ffi.buffer(it.key + it.klen, it.vlen)[:]
-                key = kb.decode("utf-8") if it.flags & fmt.KEY_STR else kb
-                kind = it.flags & fmt.VALUE_KIND_MASK
-                if kind == VALUE_STR_FLAG:
-                    out[key] = vb.decode("utf-8")
-                elif kind == VALUE_CODEC_FLAG:
-                    out[key] = decode(vb)
-                else:
-                    out[key] = vb
+                key, value = decoded(kb, it.flags & fmt.KEY_STR, vb, it.flags & fmt.VALUE_KIND_MASK, decode)
+                out[key] = value
 
     def _build_blob(self, decode: Callable[[bytes], Any]) -> dict[Any, Any]:
         """The dict made in Python from one exported copy of the keys and values."""
@@ -314,16 +307,11 @@ class KVReplayer:
                 else:
                     out = dict(pairs)  # a little faster than update, for the first run
                 continue
-            key_str = flags & 1
-            kind = flags & (VALUE_STR_FLAG | VALUE_CODEC_FLAG)
+            key_str = flags & fmt.KEY_STR
+            kind = flags & fmt.VALUE_KIND_MASK
             for kb, vb in pairs:
-                key = kb.decode("utf-8") if key_str else kb
-                if kind == VALUE_STR_FLAG:
-                    out[key] = vb.decode("utf-8")
-                elif kind == VALUE_CODEC_FLAG:
-                    out[key] = decode(vb)
-                else:
-                    out[key] = vb
+                key, value = decoded(kb, key_str, vb, kind, decode)
+                out[key] = value
         return out
 
     def _fail(self) -> None:
