@@ -134,6 +134,15 @@ static int at_least_last(const ws_scan_result *r, uint64_t first_seq, uint64_t s
     return first_seq == 0 || seq >= first_seq - 1;
 }
 
+/* A frame header whose type and reserved fields could belong to a record that parses:
+ * resync looks at these before the CRC (check_frame's order names the damage of the scan
+ * itself), so that garbage, where random length fields reach far, stays linear. */
+static int plausible(const uint8_t *h, uint32_t type_mask)
+{
+    unsigned type = h[8];
+    return type < 32 && ((type_mask >> type) & 1) && !h[9] && !ws_le16(h + 10) && !ws_le32(h + 12);
+}
+
 /* reader._resync: count the records that parse past the damage, on 8-byte steps. */
 static void resync(const uint8_t *buf, size_t size, uint64_t first_seq, uint32_t type_mask,
                    ws_scan_result *r)
@@ -142,7 +151,7 @@ static void resync(const uint8_t *buf, size_t size, uint64_t first_seq, uint32_t
     uint64_t stop = r->data_end;
     while (pos <= stop && stop - pos >= WS_FRAME_HEADER_SIZE) {
         frame f;
-        if (check_frame(buf, size, (size_t)pos, type_mask, &f) == WS_DAMAGE_NONE &&
+        if (plausible(buf + pos, type_mask) && check_frame(buf, size, (size_t)pos, type_mask, &f) == WS_DAMAGE_NONE &&
             at_least_last(r, first_seq, f.seq) && (f.durable < f.seq || f.type != WS_REC_COMMIT)) {
             r->resync_records++;
             if (f.durable > r->resync_max_durable)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from native_support import U64, frame, outcome, require_native, scan_cases, segment_records
 
 from walstore import format as fmt
-from walstore import reader
+from walstore import reader, recover
 
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -109,3 +110,39 @@ def test_mapped_segment_file(native: Any, tmp_path: Path) -> None:
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         result = check_same(native, mm, fmt.FILE_HEADER_SIZE, 1, reader.SEGMENT_TYPES)
     assert result[1]["damage"] is None and result[1]["records"] == 199
+
+
+def _garbage_after_records(seed: int, garbage: int) -> bytes:
+    """Three valid COMMITs, then `garbage` random bytes: damage, with nothing valid after."""
+    ops = fmt.OP_HEADER.pack(fmt.OP_PUT, 0, 0, 1, 1) + b"kv"
+    records = b"".join(frame(fmt.REC_COMMIT, s, s - 1, ops) for s in (1, 2, 3))
+    return records + random.Random(seed).randbytes(garbage)
+
+
+def test_search_past_damage_is_linear_on_garbage(monkeypatch: Any) -> None:
+    """Past damage, the search for records that parse checks a CRC only where the type and
+    reserved fields could be a record's: over 1 MiB of random bytes it CRCs at most as
+    many bytes as there are (checking each CRC first CRC'd 5.9 MB here, growing with
+    the square of the garbage), and the scanner and the recovery walk find nothing."""
+    buf = _garbage_after_records(3, 1 << 20)
+    crc_bytes = [0]
+    real_crc = fmt.crc
+
+    def counting_crc(data: Any, value: int = 0) -> int:
+        crc_bytes[0] += len(data)
+        return real_crc(data, value)
+
+    monkeypatch.setattr(fmt, "crc", counting_crc)
+    result = reader.scan_records(buf, 0, 1, reader.SEGMENT_TYPES)
+    assert result.last_seq == 3 and result.damage and result.resync_records == 0
+    assert crc_bytes[0] <= len(buf)
+    crc_bytes[0] = 0
+    assert recover._resync_at(memoryview(buf), result.end, len(buf)) is None
+    assert crc_bytes[0] <= len(buf)
+
+
+def test_c_search_past_damage_on_garbage_matches_the_reference(native: Any) -> None:
+    """The C scanner's search past damage gives the reference's result over random bytes
+    (it checks the same fields before the CRC)."""
+    for seed in range(3):
+        check_same(native, _garbage_after_records(seed, 1 << 18), 0, 1, reader.SEGMENT_TYPES)

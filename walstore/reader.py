@@ -9,6 +9,7 @@ done by `walstore.replay` with the durable-watermark rule.
 from __future__ import annotations
 
 import mmap
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -92,6 +93,22 @@ def check_frame(buf: Buffer, off: int, type_mask: int) -> tuple[int, int, int, i
     if flags or res16 or res32:
         return (0, 0, 0, 0, "bad-reserved")
     return (rtype, length, seq, durable, "")
+
+
+_FIXED_FIELDS = struct.Struct("<BBHI")  # type, flags, reserved16, reserved32: frame bytes 8..16
+
+
+def plausible_frame(buf: Buffer, off: int, type_mask: int) -> bool:
+    """The frame header at `off` (32 bytes must be there) has a type in `type_mask` and
+    zero flags and reserved fields: what check_frame asks besides the length and CRC.
+
+    For searches past damage, to look at before check_frame: a record that parses
+    passes it, and rejecting garbage here keeps a search linear. Checking the CRC first
+    is quadratic on random bytes, whose length field reaches up to the end of a 64 MiB
+    segment at about 1.5% of the boundaries: 1.1 s for 16 MiB of them in C, 0.43 s for
+    4 MiB in Python (about 17 s and 2 minutes for 64 MiB); now 0.014 s and 1.8 s."""
+    rtype, flags, res16, res32 = _FIXED_FIELDS.unpack_from(buf, off + 8)
+    return not (flags or res16 or res32) and rtype < 32 and bool((type_mask >> rtype) & 1)
 
 
 def check_ops(payload: memoryview) -> str:
@@ -208,6 +225,9 @@ def _resync(mv: memoryview, result: ScanResult, type_mask: int) -> None:
     stop = result.data_end
     expected = result.last_seq + 1
     while pos + _HS <= stop:
+        if not plausible_frame(mv, pos, type_mask):
+            pos += fmt.ALIGN
+            continue
         rtype, length, seq, durable, reason = check_frame(mv, pos, type_mask)
         if not reason and (seq >= expected - 1) and (durable < seq or rtype != fmt.REC_COMMIT):
             result.resync_records += 1

@@ -145,6 +145,9 @@ def frame_header_as_read(buf: Buffer, off: int) -> Optional[dict[str, int]]:
 def _resync_at(mv: memoryview, p: int, stop: int) -> Optional[tuple[int, int, int]]:
     """(offset, type, seq) of the first 8-byte boundary in [p, stop) holding a fully valid record."""
     while p + _HS <= stop:
+        if not reader.plausible_frame(mv, p, reader.SEGMENT_TYPES):
+            p += fmt.ALIGN
+            continue
         checked = reader.check_frame(mv, p, reader.SEGMENT_TYPES)
         assert checked is not None
         rtype, length, seq, durable, reason = checked
