@@ -6,6 +6,7 @@ import errno
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from storetools import ENOSPC, FailingFileAPI, crash, flip_bit
@@ -44,10 +45,13 @@ def test_compact_writes_snapshot_and_drops_covered_segments(tmp_path: Path, back
         assert isinstance(db[b"bin"], bytes) and db["json"] == {"a": [1, 2]}
 
 
-def test_next_segment_is_prepared_right_after_a_roll_not_after_a_compactions(tmp_path: Path, backend: str) -> None:
+def test_next_segment_is_prepared_after_a_roll_and_after_a_compaction_not_during_it(
+    tmp_path: Path, backend: str, monkeypatch: Any
+) -> None:
     """After an ordinary roll the next segment is prepared at once, so that a compaction's
-    seal finds it ready and waits for nothing; after the compaction's own roll it waits
-    until the new segment is half full (the snapshot's writes go first)."""
+    seal finds it ready and waits for nothing. The compaction's own roll leaves it until
+    the compaction is over (the snapshot's writes go first), and then it starts at once,
+    with the new segment nearly empty, so that a compaction soon after finds it ready."""
     path = tmp_path / "db"
     size = 1 << 20
     with walstore.open(path, segment_size=size, auto_compact=False) as db:
@@ -62,15 +66,29 @@ def test_next_segment_is_prepared_right_after_a_roll_not_after_a_compactions(tmp
         if thread is not None:
             thread.join()
         assert (path / fmt.PREALLOC_READY_NAME).exists()
+        started_while_compacting: list[bool] = []
+        real_start = w._start_prealloc
+
+        def start() -> None:
+            started_while_compacting.append(db._compact_lock.locked())
+            real_start()
+
+        monkeypatch.setattr(w, "_start_prealloc", start)
         rolls = w.rolls
         assert db.compact() is not None
         assert w.rolls == rolls + 1  # the seal rolled into the prepared segment at once
-        assert w._prealloc_thread is None and not w._prealloc_ready
-        while w._seg.offset * 2 < size:
-            assert w._prealloc_thread is None and not w._prealloc_ready
-            db[f"k{i % 100}"] = b"v" * 1000
-            i += 1
-        assert w._prealloc_thread is not None or w._prealloc_ready  # half full: now
+        assert started_while_compacting == [True]  # once, at the compaction's end...
+        assert w._seg.offset * 4 < size
+        thread = w._prealloc_thread
+        assert thread is not None or w._prealloc_ready  # ...with the new segment nearly empty
+        if thread is not None:
+            thread.join()
+        assert db._compact_lock.acquire(blocking=False)  # (and the compaction is over)
+        db._compact_lock.release()
+        db["one more"] = b"v"
+        rolls = w.rolls
+        assert db.compact() is not None  # a second compaction at once...
+        assert w.rolls == rolls + 1 and started_while_compacting == [True, True]  # ...found it ready
         model = db.to_dict()
     with walstore.open(path, segment_size=size) as db:
         assert db.to_dict() == model

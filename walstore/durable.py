@@ -159,6 +159,7 @@ class DurableStore:
             return info
         finally:
             self._writer.finish_seal(())  # a failed compaction's sealed segment is cut back now
+            self._writer.prepare_next_segment()
             self._compact_at = self._compact_threshold()
 
     def _compact_locked(self, **options: Any) -> Optional[snapshot.SnapshotInfo]:

@@ -720,11 +720,20 @@ class LogWriter:
         self._fs.unlink(path)
         return False
 
+    def prepare_next_segment(self) -> None:
+        """Once a compaction is over: start preparing the next segment unless it is ready
+        or being prepared. (The compaction's own roll leaves that to now, so that the
+        zeros' bursts do not compete with the snapshot's; before, it waited for the new
+        segment to be half full, and a compaction soon after waited for the zeros.)"""
+        with self._mutex:
+            if not self._closed and self._forked is None:
+                self._maybe_prealloc(after_roll=True)
+
     def _maybe_prealloc(self, after_roll: bool = False) -> None:
-        """Start preparing the next segment right after a roll, or once the active one is
-        half full (after open, and after a compaction's roll: the compaction's own writes
-        come first). So a compaction almost always finds the next segment ready, and its
-        seal does not wait for 64 MiB of zeros paced between commits."""
+        """Start preparing the next segment right after a roll, once the active one is
+        half full (after open), or when a compaction is over (`prepare_next_segment`).
+        So a compaction almost always finds the next segment ready, and its seal does not
+        wait for 64 MiB of zeros paced between commits."""
         if (
             self._opts.preallocate
             and self._prealloc_thread is None
