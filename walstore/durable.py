@@ -156,11 +156,13 @@ class DurableStore:
                 self._snapshot_size = info.size
                 self.compactions += 1
                 self.last_compaction_error = None
-            return info
         finally:
             self._writer.finish_seal(())  # a failed compaction's sealed segment is cut back now
-            self._writer.prepare_next_segment()
             self._compact_at = self._compact_threshold()
+        # Not after a failure: it may be a full disk, and 64 MiB of zeros can wait until
+        # the new segment is half full, as they would have before.
+        self._writer.prepare_next_segment()
+        return info
 
     def _compact_locked(self, **options: Any) -> Optional[snapshot.SnapshotInfo]:
         """Write a snapshot at a sequence number and drop what it covers (the compaction lock held)."""

@@ -721,7 +721,7 @@ class LogWriter:
         return False
 
     def prepare_next_segment(self) -> None:
-        """Once a compaction is over: start preparing the next segment unless it is ready
+        """Once a compaction has succeeded: start preparing the next segment unless it is ready
         or being prepared. (The compaction's own roll leaves that to now, so that the
         zeros' bursts do not compete with the snapshot's; before, it waited for the new
         segment to be half full, and a compaction soon after waited for the zeros.)"""
