@@ -319,3 +319,24 @@ def test_record_over_the_limit_is_refused_and_writes_nothing(tmp_path: Path, bac
         model = db.to_dict()
     with walstore.open(path) as db:
         assert db.to_dict() == model == {"a": b"1", "b": b"2"}
+
+
+def test_prepared_segment_that_cannot_be_removed_does_not_stop_the_store(tmp_path: Path, backend: str) -> None:
+    """Something at prealloc.ready that is not a prepared segment and cannot be removed (a
+    non-empty directory) is never taken: open works, segments roll into new files, and
+    the state survives a reopen."""
+    path = tmp_path / "db"
+    size = 1 << 16
+    with walstore.open(path, segment_size=size) as db:
+        db["a"] = b"1"
+    (path / fmt.PREALLOC_READY_NAME).mkdir()
+    (path / fmt.PREALLOC_READY_NAME / "x").write_bytes(b"not ours")
+    with walstore.open(path, segment_size=size) as db:
+        assert not db._writer._prealloc_ready
+        for i in range(200):
+            db[f"k{i}"] = b"v" * 1000
+        assert db._writer.rolls >= 2
+        model = db.to_dict()
+    assert (path / fmt.PREALLOC_READY_NAME / "x").read_bytes() == b"not ours"
+    with walstore.open(path, segment_size=size) as db:
+        assert db.to_dict() == model

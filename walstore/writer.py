@@ -717,7 +717,10 @@ class LogWriter:
             return False
         if self._opts.preallocate and size == self._opts.segment_size:
             return True
-        self._fs.unlink(path)
+        try:
+            self._fs.unlink(path)
+        except OSError:
+            pass  # harmless: never taken, and the next one prepared is renamed over it
         return False
 
     def prepare_next_segment(self) -> None:
@@ -731,7 +734,7 @@ class LogWriter:
 
     def _maybe_prealloc(self, after_roll: bool = False) -> None:
         """Start preparing the next segment right after a roll, once the active one is
-        half full (after open), or when a compaction is over (`prepare_next_segment`).
+        half full (after open), or when a compaction has succeeded (`prepare_next_segment`).
         So a compaction almost always finds the next segment ready, and its seal does not
         wait for 64 MiB of zeros paced between commits."""
         if (
