@@ -771,6 +771,8 @@ def test_buffers_are_prepared_only_for_a_snapshot_that_may_fill_them(
 
     if not native.AVAILABLE:
         require_native()
+        if os.environ.get("WALSTORE_REQUIRE_NATIVE") == "1" and os.environ.get("WALSTORE_PURE") != "1":
+            pytest.fail("the C module is built but not in use, and WALSTORE_REQUIRE_NATIVE=1")
         pytest.skip("the pure-Python writer has no burst writer (WALSTORE_PURE=1)")
     made: list[int] = []
 
