@@ -94,7 +94,7 @@ static int check_frame(const uint8_t *buf, size_t size, size_t off, uint32_t typ
     return WS_DAMAGE_NONE;
 }
 
-int ws_check_ops(const uint8_t *p, size_t len, uint64_t *where)
+int ws_check_ops(const uint8_t *p, size_t len, int puts_only, uint64_t *where)
 {
     size_t pos = 0;
     while (pos < len) {
@@ -109,6 +109,10 @@ int ws_check_ops(const uint8_t *p, size_t len, uint64_t *where)
         if (op < WS_OP_PUT || op > WS_OP_CALL || ws_le16(p + pos + 2)) {
             *where = pos;
             return WS_DETAIL_OPS_BAD_OP;
+        }
+        if (puts_only && op != WS_OP_PUT) {
+            *where = pos;
+            return WS_DETAIL_OPS_NOT_PUT;
         }
         if ((flags & ~(unsigned)(WS_KEY_STR | WS_VALUE_KIND_MASK)) || ((flags >> WS_VALUE_KIND_SHIFT) & 3) == 3) {
             *where = pos;
@@ -237,7 +241,7 @@ int ws_scan_records(const uint8_t *buf, size_t size, size_t start, uint64_t firs
             break;
         payload = buf + off + WS_FRAME_HEADER_SIZE;
         if (f.type == WS_REC_COMMIT || f.type == WS_REC_SNAPSHOT_DATA) {
-            int why = ws_check_ops(payload, (size_t)f.length, &out->detail_a);
+            int why = ws_check_ops(payload, (size_t)f.length, f.type == WS_REC_SNAPSHOT_DATA, &out->detail_a);
             if (why) {
                 out->detail = why;
                 damage = WS_DAMAGE_BAD_PAYLOAD;

@@ -33,6 +33,7 @@
 #define WS_DETAIL_OPS_BAD_FLAGS 8   /* a = payload offset */
 #define WS_DETAIL_OPS_LENGTHS 9     /* a = payload offset */
 #define WS_DETAIL_SNAPSHOT_END_SIZE 10
+#define WS_DETAIL_OPS_NOT_PUT 11     /* a = payload offset: a snapshot holds only PUTs */
 
 typedef struct {
     uint64_t end;                /* offset just past the last valid record */
@@ -60,7 +61,8 @@ int ws_scan_records(const uint8_t *buf, size_t size, size_t start, uint64_t firs
 const char *ws_damage_name(int damage);
 
 /* reader.check_ops: 0 if payload[0, len) is a well-formed sequence of
- * operations, else a WS_DETAIL_OPS_* code with the payload offset in *where. */
-int ws_check_ops(const uint8_t *payload, size_t len, uint64_t *where);
+ * operations (only PUTs if `puts_only`: a SNAPSHOT_DATA payload), else a
+ * WS_DETAIL_OPS_* code with the payload offset in *where. */
+int ws_check_ops(const uint8_t *payload, size_t len, int puts_only, uint64_t *where);
 
 #endif /* WALSTORE_SCAN_H */

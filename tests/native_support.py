@@ -82,9 +82,9 @@ KEY_BYTES = [b"", b"a", b"b", b"k1", b"\xff\xfe", bytes(range(16))]
 
 
 @st.composite
-def op_bytes(draw: st.DrawFn, allow_call: bool = True) -> bytes:
+def op_bytes(draw: st.DrawFn, allow_call: bool = True, puts_only: bool = False) -> bytes:
     """One encoded operation; a small key space, so keys are overwritten and deleted."""
-    ops = [fmt.OP_PUT] * 5 + [fmt.OP_DELETE] * 2 + ([fmt.OP_CALL] if allow_call else [])
+    ops = [fmt.OP_PUT] * 5 + ([] if puts_only else [fmt.OP_DELETE] * 2) + ([fmt.OP_CALL] if allow_call else [])
     op = draw(st.sampled_from(ops))
     key_str = draw(st.booleans())
     key = draw(st.sampled_from(KEY_TEXTS if key_str else KEY_BYTES))
@@ -99,8 +99,8 @@ def op_bytes(draw: st.DrawFn, allow_call: bool = True) -> bytes:
     return fmt.encode_op(op, fmt.op_flags(key_str, kind), key, value)
 
 
-def payloads(allow_call: bool = True) -> st.SearchStrategy[bytes]:
-    return st.lists(op_bytes(allow_call), max_size=3).map(b"".join)
+def payloads(allow_call: bool = True, puts_only: bool = False) -> st.SearchStrategy[bytes]:
+    return st.lists(op_bytes(allow_call, puts_only), max_size=3).map(b"".join)
 
 
 @st.composite
@@ -162,9 +162,13 @@ def segment_records(draw: st.DrawFn, first_seq: int, allow_call: bool = True) ->
 
 @st.composite
 def snapshot_records(draw: st.DrawFn, first_seq: int) -> bytes:
-    """SNAPSHOT_DATA records and a SNAPSHOT_END, all carrying first_seq."""
+    """SNAPSHOT_DATA records (PUTs; now and then a DELETE or CALL, which is damage there) and a
+    SNAPSHOT_END, all carrying first_seq."""
     s = first_seq & U64
-    out = [frame(fmt.REC_SNAPSHOT_DATA, s, s, draw(payloads(False))) for _ in range(draw(st.integers(0, 4)))]
+    out = [
+        frame(fmt.REC_SNAPSHOT_DATA, s, s, draw(payloads(draw(st.integers(0, 9)) == 0, draw(st.integers(0, 9)) > 0)))
+        for _ in range(draw(st.integers(0, 4)))
+    ]
     if draw(st.booleans()):
         out.append(frame(fmt.REC_SNAPSHOT_END, s, s, struct.pack("<QQ", len(out), 0)))
     if draw(st.booleans()):

@@ -185,6 +185,30 @@ def test_corrupt_newest_snapshot_with_log_gone_is_a_clear_error(tmp_path: Path, 
     assert after == before
 
 
+def test_snapshot_holding_a_delete_is_corruption_not_applied(tmp_path: Path, backend: str) -> None:
+    """A snapshot is the whole state: only PUTs. A DELETE in one, even with a correct CRC,
+    is damage named by file and offset, not an operation to apply."""
+    from walstore.fileapi import OSFileAPI
+
+    path = tmp_path / "db"
+    with walstore.open(path, segment_size=4096, auto_compact=False) as db:
+        for i in range(50):
+            db[f"k{i}"] = i
+        info = db.compact()
+    assert info is not None and names(path, "seg-*.wal") != []
+    snap = Path(info.path)
+    store_id = fmt.decode_file_header(snap.read_bytes()[: fmt.FILE_HEADER_SIZE]).store_id
+    put = fmt.encode_op(fmt.OP_PUT, fmt.op_flags(True, fmt.VALUE_BYTES), b"k0", b"v")
+    delete = fmt.encode_op(fmt.OP_DELETE, fmt.op_flags(True, fmt.VALUE_BYTES), b"k1", b"")
+    snapshot.write_snapshot(OSFileAPI(), str(path), store_id, info.seq, [put + delete])
+    before = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file() and p.name != "LOCK"}
+    with pytest.raises(walstore.CorruptionError) as err:
+        walstore.open(path, segment_size=4096)
+    assert snap.name in str(err.value)
+    assert f"not a put at payload offset {len(put)}" in str(err.value)
+    assert {p.name: p.read_bytes() for p in path.iterdir() if p.is_file() and p.name != "LOCK"} == before
+
+
 def test_corrupt_newest_snapshot_falls_back_to_older_one_and_reports(tmp_path: Path, backend: str) -> None:
     path = tmp_path / "db"
     with walstore.open(path, segment_size=4096, auto_compact=False, keep_snapshots=2) as db:

@@ -145,6 +145,8 @@ def _detail(code: int, a: int, b: int, last_seq: int, first_seq: int) -> str:
         return "operation header cut short"
     if code == lib.WS_DETAIL_OPS_BAD_OP:
         return f"bad operation at payload offset {a}"
+    if code == lib.WS_DETAIL_OPS_NOT_PUT:
+        return f"a snapshot operation that is not a put at payload offset {a}"
     if code == lib.WS_DETAIL_OPS_BAD_FLAGS:
         return f"bad operation flags at payload offset {a}"
     if code == lib.WS_DETAIL_OPS_LENGTHS:

@@ -111,8 +111,9 @@ def plausible_frame(buf: Buffer, off: int, type_mask: int) -> bool:
     return not (flags or res16 or res32) and rtype < 32 and bool((type_mask >> rtype) & 1)
 
 
-def check_ops(payload: memoryview) -> str:
-    """Empty string if the payload is a well-formed sequence of operations, else why not."""
+def check_ops(payload: memoryview, puts_only: bool = False) -> str:
+    """Empty string if the payload is a well-formed sequence of operations (only PUTs if
+    `puts_only`: a SNAPSHOT_DATA payload), else why not."""
     try:
         end = len(payload)
         pos = 0
@@ -122,6 +123,8 @@ def check_ops(payload: memoryview) -> str:
             op, flags, reserved, klen, vlen = _OPH.unpack_from(payload, pos)
             if op < fmt.OP_PUT or op > fmt.OP_CALL or reserved:
                 return f"bad operation at payload offset {pos}"
+            if puts_only and op != fmt.OP_PUT:
+                return f"a snapshot operation that is not a put at payload offset {pos}"
             if flags & ~(fmt.KEY_STR | fmt.VALUE_KIND_MASK) or (flags >> fmt.VALUE_KIND_SHIFT) & 3 == 3:
                 return f"bad operation flags at payload offset {pos}"
             pos += fmt.OP_HEADER_SIZE
@@ -193,7 +196,7 @@ def scan_records(
                 damage, detail = "bad-seq", f"snapshot record carries {seq}/{durable}, expected {first_seq}"
                 break
         if rtype in (fmt.REC_COMMIT, fmt.REC_SNAPSHOT_DATA):
-            why = check_ops(payload)
+            why = check_ops(payload, rtype == fmt.REC_SNAPSHOT_DATA)
             if why:
                 damage, detail = "bad-payload", why
                 break
