@@ -14,9 +14,9 @@ import re
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["crc32c.c", "scan.c", "kvreplay.c", "kvdict.c", "snapshot.c", "logwrite.c", "fastput.c"]
+SOURCES = ["crc32c.c", "scan.c", "kvreplay.c", "kvdict.c", "snapshot.c", "logwrite.c", "fastput.c", "yieldpoint.c"]
 HEADERS = [
-    "walstore_format.h", "crc32c.h", "scan.h", "kvreplay.h", "kvdict.h", "snapshot.h", "logwrite.h", "fastput.h", "le.h"
+    "walstore_format.h", "crc32c.h", "scan.h", "kvreplay.h", "kvdict.h", "snapshot.h", "logwrite.h", "fastput.h", "yieldpoint.h", "le.h"
 ]
 EXTRA_COMPILE_ARGS = ["-O2", "-Wall", "-Wextra", "-std=gnu11"]
 
@@ -131,6 +131,11 @@ int ws_fastput_bind(uintptr_t store, ws_log *log, const int *gate, uintptr_t wri
 int64_t ws_snapshot_frames(const ws_kv *kv, uint64_t *cursor, uint64_t chunk_bytes, uint64_t seq,
                            uint8_t *out, size_t out_size, uint64_t *records, uint64_t *need);
 void ws_snapshot_touch(uint8_t *buf, size_t len);
+"""
+    # _native/yieldpoint.h: background loops that give a waiting thread the core
+    + """
+int ws_set_yielding(int on);
+uint64_t ws_yields(void);
 """
 )
 

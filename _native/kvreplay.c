@@ -28,6 +28,7 @@
 
 #include "le.h"
 #include "walstore_format.h"
+#include "yieldpoint.h"
 
 /* A slot is (hash << 32) | (entry number + SLOT_BASE), or EMPTY or DUMMY:
  * probing compares hashes in the slots and reads an entry only on a match. */
@@ -430,7 +431,10 @@ int ws_kv_apply_range(ws_kv *kv, const uint8_t *buf, size_t size, size_t start, 
     d.end = end;
     d.pos = d.record = start;
     d.op_pos = d.op_end = 0;
+    ws_yield_point yp;
+    ws_yield_begin(&yp);
     for (;;) {
+        ws_yield_step(&yp, 256);
         while (more && n < PIPE) {
             pending *p = &ring[(head + n) & (PIPE - 1)];
             int r = next_op(&d, p);
@@ -537,10 +541,13 @@ int64_t ws_kv_snapshot_chunk(const ws_kv *kv, uint64_t *cursor, uint64_t chunk_b
 {
     size_t i = *cursor < kv->n_entries ? (size_t)*cursor : kv->n_entries;
     size_t at = 0;
+    ws_yield_point yp;
     *need = 0;
+    ws_yield_begin(&yp);
     for (; i < kv->n_entries; i++) {
         const entry *e = &kv->entries[i];
         uint64_t len = (uint64_t)e->klen + e->vlen, oplen = WS_OP_HEADER_SIZE + len;
+        ws_yield_step(&yp, 256);
         uint8_t *p;
         if (i + PIPE < kv->n_entries)
             PREFETCH(kv->entries[i + PIPE].key);

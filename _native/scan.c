@@ -8,6 +8,7 @@
 #include "crc32c.h"
 #include "le.h"
 #include "walstore_format.h"
+#include "yieldpoint.h"
 
 typedef struct {
     uint64_t length;
@@ -217,10 +218,13 @@ int ws_scan_records(const uint8_t *buf, size_t size, size_t start, uint64_t firs
     int segment = type_mask == WS_SEGMENT_TYPES;
     int damage = WS_DAMAGE_NONE;
     uint64_t alt;
+    ws_yield_point yp;
     memset(out, 0, sizeof *out);
+    ws_yield_begin(&yp);
     for (;;) {
         frame f;
         const uint8_t *payload;
+        ws_yield_step(&yp, 256);
         if (off >= size)
             break;
         if (size - off < WS_FRAME_HEADER_SIZE) {

@@ -5,6 +5,7 @@
 
 #include "crc32c.h"
 #include "walstore_format.h"
+#include "yieldpoint.h"
 
 static void put_le32(uint8_t *p, uint32_t v)
 {
@@ -70,6 +71,10 @@ int64_t ws_snapshot_frames(const ws_kv *kv, uint64_t *cursor, uint64_t chunk_byt
 void ws_snapshot_touch(uint8_t *buf, size_t len)
 {
     volatile uint8_t *p = buf;
-    for (size_t off = 0; off < len; off += 4096)
-        p[off] = 0;
+    ws_yield_point yp;
+    ws_yield_begin(&yp);
+    for (size_t off = 0; off < len; off += 4096) {
+        p[off] = 0; /* a page fault: about 1 us here */
+        ws_yield_step(&yp, 16);
+    }
 }

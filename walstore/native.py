@@ -10,10 +10,11 @@ the functions here work whenever the module is built (`BUILT`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import sys
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from . import format as fmt
@@ -80,6 +81,27 @@ def touch_pages(buf: Buffer) -> None:
     lib = _require()
     with _ffi.from_buffer(buf, require_writable=True) as cbuf:
         lib.ws_snapshot_touch(cbuf, len(cbuf))
+
+
+@contextlib.contextmanager
+def yielding() -> Iterator[None]:
+    """Yield points on for the calling thread while the block runs (_native/yieldpoint.h):
+    its C loops (scan, replay, snapshot framing, page making) give a waiting thread the
+    core after every 100 us of work. For a compaction's threads, so that a committer
+    whose fdatasync returned does not wait for a core. A no-op without the C module."""
+    if _lib is None:
+        yield
+        return
+    was = _lib.ws_set_yielding(1)
+    try:
+        yield
+    finally:
+        _lib.ws_set_yielding(was)
+
+
+def yields() -> int:
+    """sched_yield calls made by the calling thread's yield points so far (0 without C)."""
+    return 0 if _lib is None else int(_lib.ws_yields())
 
 
 def crc32c_impl() -> str:

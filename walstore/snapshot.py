@@ -352,11 +352,12 @@ class PreparedBuffers:
         from . import native
 
         idle_priority()
-        for _ in range(count):
-            buf = _new_buffer(self.size)
-            if native.BUILT:  # make its pages now (a fault per 4 KiB: ~1 ms per MiB on the dev VM)
-                native.touch_pages(buf)
-            self._bufs.append(buf)
+        with native.yielding():
+            for _ in range(count):
+                buf = _new_buffer(self.size)
+                if native.BUILT:  # make its pages now (a fault per 4 KiB: ~1 ms per MiB on the dev VM)
+                    native.touch_pages(buf)
+                self._bufs.append(buf)
 
     def take(self, size: int) -> Optional[mmap.mmap]:
         """A prepared buffer of exactly `size` bytes, or None."""
@@ -447,15 +448,18 @@ def _produce(blocks: _Blocks, overlap: bool) -> Generator[tuple[int, int, int, b
     free.put(1)
 
     def run() -> None:
+        from . import native
+
         try:
-            while True:
-                slot = free.get()
-                if slot is None:
-                    return
-                item = blocks.fill(slot)
-                full.put(item)
-                if item[3]:
-                    return
+            with native.yielding():
+                while True:
+                    slot = free.get()
+                    if slot is None:
+                        return
+                    item = blocks.fill(slot)
+                    full.put(item)
+                    if item[3]:
+                        return
         except BaseException as exc:  # noqa: BLE001 - raised in the writing thread
             full.put(exc)
 

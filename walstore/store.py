@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any, Optional, Union
 
 from . import format as fmt
-from . import nativelog, replay, snapshot
+from . import native, nativelog, replay, snapshot
 from .codec import Codec, get_codec
 from .core import Identity, LogCore
 from .durable import DurableStore
@@ -243,6 +243,12 @@ class Store(DurableStore, MutableMapping[Key, Any]):
         return total
 
     def _snapshot_at(
+        self, seq: int, burst: Optional[BurstWriter], prepared: Optional[snapshot.PreparedBuffers]
+    ) -> snapshot.SnapshotInfo:
+        with native.yielding():  # the replay and framing below leave committers a core
+            return self._write_snapshot_at(seq, burst, prepared)
+
+    def _write_snapshot_at(
         self, seq: int, burst: Optional[BurstWriter], prepared: Optional[snapshot.PreparedBuffers]
     ) -> snapshot.SnapshotInfo:
         core = self._core

@@ -19,7 +19,7 @@ fi
 mkdir -p "$build/corpus" "$build/artifacts"
 clang -g -O1 -std=gnu11 -Wall -Wextra -Werror \
     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
-    -I"$native" "$here/fuzz_replay.c" "$native/crc32c.c" "$native/scan.c" "$native/kvreplay.c" "$native/snapshot.c" \
+    -I"$native" "$here/fuzz_replay.c" "$native/crc32c.c" "$native/scan.c" "$native/kvreplay.c" "$native/snapshot.c" "$native/yieldpoint.c" \
     -o "$build/fuzz_replay"
 rm -rf "$build/seeds"
 "$python" "$here/make_corpus.py" "$build/seeds"

@@ -1,0 +1,88 @@
+"""Yield points (_native/yieldpoint.h): a thread that turns them on gives up the core in its
+long C loops; every other thread's loops, and open()'s replay, are unchanged."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from native_support import frame, require_native
+
+import walstore
+from walstore import format as fmt
+from walstore import reader
+
+
+@pytest.fixture(scope="module")
+def native() -> Any:
+    return require_native()
+
+
+@pytest.fixture(scope="module")
+def big_log() -> bytes:
+    """About 24 MiB of valid COMMITs: a scan of it takes milliseconds, far over 100 us."""
+    value = bytes(range(256)) * 4
+    return b"".join(
+        frame(fmt.REC_COMMIT, s, s - 1, fmt.encode_op(fmt.OP_PUT, 0, b"k%d" % (s % 5000), value))
+        for s in range(1, 24_000)
+    )
+
+
+def scan_yields(native: Any, buf: bytes, on: bool) -> tuple[int, Any]:
+    """(yields made, replay length) by scanning and replaying buf in this thread."""
+    before = native.yields()
+    if on:
+        with native.yielding():
+            result = native.scan_records(buf, 0, 1, reader.SEGMENT_TYPES)
+            r = native.KVReplayer()
+            r.apply_range(buf, 0, result.end)
+    else:
+        result = native.scan_records(buf, 0, 1, reader.SEGMENT_TYPES)
+        r = native.KVReplayer()
+        r.apply_range(buf, 0, result.end)
+    assert result.damage is None and result.records == 23_999
+    return native.yields() - before, len(r)
+
+
+def test_yield_points_run_only_in_the_thread_that_asked(native: Any, big_log: bytes) -> None:
+    got: dict[str, tuple[int, Any]] = {}
+    other = threading.Thread(target=lambda: got.setdefault("other", scan_yields(native, big_log, False)))
+    other.start()
+    got["on"] = scan_yields(native, big_log, True)
+    other.join()
+    got["off"] = scan_yields(native, big_log, False)
+    assert got["on"][0] > 0
+    assert got["off"][0] == 0 and got["other"][0] == 0
+    assert got["on"][1] == got["off"][1] == got["other"][1] == 5000  # same result either way
+
+
+def test_yielding_is_restored_after_the_block(native: Any) -> None:
+    lib = native._lib
+    with native.yielding():
+        with native.yielding():
+            pass
+        assert lib.ws_set_yielding(1) == 1  # still on inside the outer block
+    assert lib.ws_set_yielding(0) == 0  # off again after it
+
+
+def test_a_compaction_yields_and_open_does_not(
+    native: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(native, "AVAILABLE", True)  # the C replayer, even under WALSTORE_PURE=1
+    assert walstore.backend() == "c"
+    path = tmp_path / "db"
+    value = b"v" * 100
+    with walstore.open(path, durability="none", auto_compact=False) as db:
+        for i in range(100_000):
+            db[b"%016d" % i] = value
+        db.sync()
+    before = native.yields()
+    with walstore.open(path, auto_compact=False) as db:  # replays 100,000 records in this thread
+        assert native.yields() == before
+        info = db.compact()  # wait=True: the capture runs in this thread
+        assert info is not None
+        assert native.yields() > before
+        assert native._lib.ws_set_yielding(0) == 0  # and is turned off after it
+        assert len(db) == 100_000
