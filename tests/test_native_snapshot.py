@@ -597,6 +597,26 @@ def test_direct_write_size_adapts_to_the_disk(
         assert max(body) == 64 << 10
 
 
+def test_burst_size_follows_the_rate_the_last_one_ran() -> None:
+    """Each full-size burst sizes the next to take BURST_TARGET_S at its rate: a slow one
+    shrinks the next in proportion (not by half), a fast one at most doubles it, and the
+    size stays within WRITE_MIN and BURST_BYTES."""
+    out = snapshot._Out(OSFileAPI(), "unused", {}, burst=lambda fd, data, offset: 0.0)
+    target, mib = snapshot.BURST_TARGET_S, 1 << 20
+    assert out.piece == snapshot.BURST_BYTES == 24 * mib
+    out._adapt(out.piece, target * 39 / 25)  # 24 MiB took 39 ms where 25 were the aim
+    assert 15 * mib <= out.piece <= 15.4 * mib and out.piece % snapshot.ALIGN == 0
+    before = out.piece
+    out._adapt(before - snapshot.ALIGN, 10.0)  # a shorter (last) write says nothing
+    assert out.piece == before
+    out._adapt(out.piece, target * 0.8)  # a little fast: grows by 1.25
+    assert before * 1.24 <= out.piece <= before * 1.25
+    out._adapt(out.piece, target / 100)  # very fast: at most doubles, up to BURST_BYTES
+    assert out.piece == snapshot.BURST_BYTES
+    out._adapt(out.piece, 10.0)  # very slow: down to WRITE_MIN, not below
+    assert out.piece == snapshot.WRITE_MIN
+
+
 class RefusesLaterDirectWrites(OSFileAPI):
     """O_DIRECT accepted at open and for the first write, refused (EINVAL) after it."""
 
