@@ -16,7 +16,16 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = ["crc32c.c", "scan.c", "kvreplay.c", "kvdict.c", "snapshot.c", "logwrite.c", "fastput.c", "yieldpoint.c"]
 HEADERS = [
-    "walstore_format.h", "crc32c.h", "scan.h", "kvreplay.h", "kvdict.h", "snapshot.h", "logwrite.h", "fastput.h", "yieldpoint.h", "le.h"
+    "walstore_format.h",
+    "crc32c.h",
+    "scan.h",
+    "kvreplay.h",
+    "kvdict.h",
+    "snapshot.h",
+    "logwrite.h",
+    "fastput.h",
+    "yieldpoint.h",
+    "le.h",
 ]
 EXTRA_COMPILE_ARGS = ["-O2", "-Wall", "-Wextra", "-std=gnu11"]
 

@@ -245,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    print(f"record {RECORD} bytes, {args.rounds} interleaved rounds of {args.seconds}s, floor timer:"
-          f" {out['floor_timer']}")
+    print(
+        f"record {RECORD} bytes, {args.rounds} interleaved rounds of {args.seconds}s, floor timer: {out['floor_timer']}"
+    )
     print(f"{'contender':<22}{'median ops/s':>14}")
     for k, v in med.items():
         print(f"{k:<22}{v:>14.1f}")

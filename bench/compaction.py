@@ -186,8 +186,7 @@ def bounded_disk(work: str, overwrites: int, keys: int = 10_000) -> dict[str, An
                 db.close()
                 start = time.perf_counter()
                 db = walstore.open(path, durability="none", segment_size=4 << 20, compact_min_bytes=8 << 20)
-                reopen.append({"writes": i, "reopen_ms": (time.perf_counter() - start) * 1e3,
-                               "disk_bytes": du(path)})
+                reopen.append({"writes": i, "reopen_ms": (time.perf_counter() - start) * 1e3, "disk_bytes": du(path)})
         compactions = db.stats()["compactions"]
     finally:
         db.close()
@@ -224,10 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {
         "p99 during / without (target <= 2)": lat["during"]["p99_ms"] / lat["without"]["p99_ms"],
         "max commit during compaction, ms (target <= 50)": lat["during"]["max_ms"],
-        "snapshot write / raw write+fsync throughput (target >= 0.5)":
-            lat["snapshot_throughput_mb_s"] / lat["raw_throughput_mb_s"],
-        "whole compaction / raw write+fsync throughput (no target)":
-            lat["compaction_throughput_mb_s"] / lat["raw_throughput_mb_s"],
+        "snapshot write / raw write+fsync throughput (target >= 0.5)": lat["snapshot_throughput_mb_s"]
+        / lat["raw_throughput_mb_s"],
+        "whole compaction / raw write+fsync throughput (no target)": lat["compaction_throughput_mb_s"]
+        / lat["raw_throughput_mb_s"],
     }
     if not args.latency_only:
         ratios["peak disk / live data"] = disk["peak_over_live"]
@@ -238,31 +237,44 @@ def main(argv: list[str] | None = None) -> int:
     print(f"backend {out['backend']}, {args.keys} keys, walstore from {os.path.dirname(walstore.__file__)}")
     for phase in ("without", "during"):
         d = lat[phase]
-        print(f"  writer {phase:<8} compaction: {d['commits']:>6} commits  p50 {d['p50_ms']:.2f} ms"
-              f"  p99 {d['p99_ms']:.2f} ms  max {d['max_ms']:.2f} ms")
+        print(
+            f"  writer {phase:<8} compaction: {d['commits']:>6} commits  p50 {d['p50_ms']:.2f} ms"
+            f"  p99 {d['p99_ms']:.2f} ms  max {d['max_ms']:.2f} ms"
+        )
     d = lat["during"]
-    print(f"  {d['over_2x_p99_without']} of the {d['commits']} commits during compaction took over twice the p99"
-          f" without ({d['over_2x_p99_without'] / max(1, d['commits']) * 100:.1f}%; the p99 allows 1%,"
-          f" {d['commits'] // 100})")
+    print(
+        f"  {d['over_2x_p99_without']} of the {d['commits']} commits during compaction took over twice the p99"
+        f" without ({d['over_2x_p99_without'] / max(1, d['commits']) * 100:.1f}%; the p99 allows 1%,"
+        f" {d['commits'] // 100})"
+    )
     steps = d["snapshot_steps"]
     before, after = lat["raw_fdatasync_before_ms"], lat["raw_fdatasync_after_ms"]
-    print(f"  disk: raw pwrite+fdatasync p50/p99 {before['p50']:.2f}/{before['p99']:.2f} ms before,"
-          f" {after['p50']:.2f}/{after['p99']:.2f} ms after; raw write+fsync of"
-          f" {d['snapshot_bytes'] / 1e6:.1f} MB {lat['raw_write_fsync_seconds']:.3f} s"
-          f" = {lat['raw_throughput_mb_s']:.0f} MB/s (median of "
-          + "/".join(f"{r:.3f}" for r in lat["raw_write_fsync_runs"]) + " s)")
-    print(f"  compaction {d['compaction_seconds']:.3f} s = capture (seal + replay of the sealed log)"
-          f" {d['capture_seconds']:.3f} s + snapshot write {d['snapshot_seconds']:.3f} s"
-          f" + removing covered segments {d['cleanup_seconds']:.3f} s")
-    print(f"  snapshot write {d['snapshot_bytes'] / 1e6:.1f} MB in {d['snapshot_seconds']:.3f} s"
-          f" = {lat['snapshot_throughput_mb_s']:.0f} MB/s (whole compaction"
-          f" {lat['compaction_throughput_mb_s']:.0f} MB/s); steps: "
-          + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in steps.items() if k not in ("total", "direct", "writes"))
-          + f", {steps.get('writes', 0):.0f} writes"
-          + (", O_DIRECT" if steps.get("direct") else ", buffered writes"))
+    print(
+        f"  disk: raw pwrite+fdatasync p50/p99 {before['p50']:.2f}/{before['p99']:.2f} ms before,"
+        f" {after['p50']:.2f}/{after['p99']:.2f} ms after; raw write+fsync of"
+        f" {d['snapshot_bytes'] / 1e6:.1f} MB {lat['raw_write_fsync_seconds']:.3f} s"
+        f" = {lat['raw_throughput_mb_s']:.0f} MB/s (median of "
+        + "/".join(f"{r:.3f}" for r in lat["raw_write_fsync_runs"])
+        + " s)"
+    )
+    print(
+        f"  compaction {d['compaction_seconds']:.3f} s = capture (seal + replay of the sealed log)"
+        f" {d['capture_seconds']:.3f} s + snapshot write {d['snapshot_seconds']:.3f} s"
+        f" + removing covered segments {d['cleanup_seconds']:.3f} s"
+    )
+    print(
+        f"  snapshot write {d['snapshot_bytes'] / 1e6:.1f} MB in {d['snapshot_seconds']:.3f} s"
+        f" = {lat['snapshot_throughput_mb_s']:.0f} MB/s (whole compaction"
+        f" {lat['compaction_throughput_mb_s']:.0f} MB/s); steps: "
+        + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in steps.items() if k not in ("total", "direct", "writes"))
+        + f", {steps.get('writes', 0):.0f} writes"
+        + (", O_DIRECT" if steps.get("direct") else ", buffered writes")
+    )
     if not args.latency_only:
-        print(f"  {disk['overwrites']} overwrites of {disk['keys']} keys:"
-              f" peak disk {disk['peak_disk_bytes'] / 1e6:.1f} MB = {disk['peak_over_live']:.1f}x live data")
+        print(
+            f"  {disk['overwrites']} overwrites of {disk['keys']} keys:"
+            f" peak disk {disk['peak_disk_bytes'] / 1e6:.1f} MB = {disk['peak_over_live']:.1f}x live data"
+        )
     for r in disk["reopen"]:
         print(f"    after {r['writes']:>8} writes: reopen {r['reopen_ms']:.0f} ms, disk {r['disk_bytes'] / 1e6:.1f} MB")
     print()

@@ -76,9 +76,7 @@ class Ledger:
         self.transfers[transfer_id] = [src, dst, amount, at, memo]
 
     @transfer.validator
-    def check_transfer(
-        self, transfer_id: str, src: str, dst: str, amount: int, at: float, memo: str = ""
-    ) -> None:
+    def check_transfer(self, transfer_id: str, src: str, dst: str, amount: int, at: float, memo: str = "") -> None:
         if transfer_id in self.transfers:
             raise ValueError(f"transfer {transfer_id!r} was already made")
         if src not in self.balances or dst not in self.balances or src == dst:
@@ -102,8 +100,7 @@ def open_ledger(path: str, **options: Any) -> walstore.MachineStore[Ledger]:
     return store
 
 
-def work(path: str, acks: str, threads: int, transfers: int, kill_after: int, compact_every: int,
-         seed: int) -> int:
+def work(path: str, acks: str, threads: int, transfers: int, kill_after: int, compact_every: int, seed: int) -> int:
     """Transfer from `threads` threads; os._exit(KILL_CODE) after `kill_after` acknowledged transfers."""
     store = open_ledger(path, segment_size=1 << 16)
     ledger = store.state
@@ -176,14 +173,30 @@ def demo() -> int:
         path, acks = os.path.join(tmp, "ledger"), os.path.join(tmp, "acks.txt")
         for round_ in (1, 2):
             print(f"round {round_}: a worker transfers from 4 threads and is killed after 300 transfers")
-            rc = subprocess.call([sys.executable, __file__, "work", path, "--acks", acks,
-                                  "--kill-after", "300", "--compact-every", "120", "--seed", str(round_)])
+            rc = subprocess.call(
+                [
+                    sys.executable,
+                    __file__,
+                    "work",
+                    path,
+                    "--acks",
+                    acks,
+                    "--kill-after",
+                    "300",
+                    "--compact-every",
+                    "120",
+                    "--seed",
+                    str(round_),
+                ]
+            )
             print(f"  worker exit status {rc} (os._exit({KILL_CODE}) mid-run)")
             with walstore.open_machine(path, Ledger) as store:
                 ledger = store.state
-                print(f"  reopened: {len(ledger.transfers)} transfers, {len(_read_acks(acks))} acknowledged,"
-                      f" total {ledger.total()}, snapshot at seq {store.recovery.snapshot_seq},"
-                      f" {store.replayed_ops} operations replayed after it")
+                print(
+                    f"  reopened: {len(ledger.transfers)} transfers, {len(_read_acks(acks))} acknowledged,"
+                    f" total {ledger.total()}, snapshot at seq {store.recovery.snapshot_seq},"
+                    f" {store.replayed_ops} operations replayed after it"
+                )
         problems = check(path, acks)
         for p in problems:
             print("PROBLEM:", p)
@@ -211,8 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "demo":
         return demo()
     if args.cmd == "work":
-        return work(args.dir, args.acks, args.threads, args.transfers, args.kill_after, args.compact_every,
-                    args.seed)
+        return work(args.dir, args.acks, args.threads, args.transfers, args.kill_after, args.compact_every, args.seed)
     problems = check(args.dir, args.acks)
     for p in problems:
         print("PROBLEM:", p)

@@ -181,11 +181,7 @@ def mutated(draw: st.DrawFn, data: bytes) -> bytes:
     """`data` damaged the ways disks and crashes do: cut, flipped, zeroed, garbage, copies."""
     buf = bytearray(data)
     for _ in range(draw(st.integers(0, 3))):
-        how = draw(
-            st.sampled_from(
-                ["cut", "flip", "zero-tail", "zero-range", "garbage", "zeros", "overwrite", "copy"]
-            )
-        )
+        how = draw(st.sampled_from(["cut", "flip", "zero-tail", "zero-range", "garbage", "zeros", "overwrite", "copy"]))
         n = len(buf)
         if how == "cut" and n:
             del buf[draw(st.integers(0, n - 1)) :]

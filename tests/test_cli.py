@@ -87,8 +87,7 @@ def records(seg: Path) -> list[tuple[int, int, int, int]]:
     data = seg.read_bytes()
     first = fmt.decode_file_header(data[:64]).first_seq
     out: list[tuple[int, int, int, int]] = []
-    recover.walk_segment(data, 64, first, lambda r: out.append((r.offset, r.size, r.seq, r.rtype)), None,
-                         resync=False)
+    recover.walk_segment(data, 64, first, lambda r: out.append((r.offset, r.size, r.seq, r.rtype)), None, resync=False)
     return out
 
 
@@ -104,8 +103,11 @@ def flip(path: Path, offset: int) -> None:
 
 
 def snapshot_files(path: Path) -> dict[str, bytes]:
-    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()
-            and f.name != fmt.LOCK_NAME}
+    return {
+        str(f.relative_to(path)): f.read_bytes()
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and f.name != fmt.LOCK_NAME
+    }
 
 
 def open_state(path: Path) -> dict[Any, Any]:
@@ -413,8 +415,19 @@ def test_usage_errors(tmp_path: Path) -> None:
 def test_help_is_usable() -> None:
     r = wal("--help")
     assert r.returncode == 0
-    for word in ("info", "verify", "dump", "recover", "export", "import", "compact", "bench", "demo",
-                 "exit codes", "examples"):
+    for word in (
+        "info",
+        "verify",
+        "dump",
+        "recover",
+        "export",
+        "import",
+        "compact",
+        "bench",
+        "demo",
+        "exit codes",
+        "examples",
+    ):
         assert word in r.stdout
     r = wal("recover", "--help")
     assert r.returncode == 0
@@ -627,8 +640,14 @@ def test_recover_asks_on_a_terminal(tmp_path: Path) -> None:
         master, slave = pty.openpty()
         try:
             os.write(master, answer.encode())
-            proc = subprocess.run(cmd + ["recover", str(p), "--mode", "last-consistent"], stdin=slave,
-                                  capture_output=True, text=True, env=env, timeout=300)
+            proc = subprocess.run(
+                cmd + ["recover", str(p), "--mode", "last-consistent"],
+                stdin=slave,
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=300,
+            )
         finally:
             os.close(slave)
             os.close(master)

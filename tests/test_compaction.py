@@ -262,9 +262,7 @@ def test_interrupted_compaction_leftovers_are_cleaned(tmp_path: Path, backend: s
     entries = {f"k{i}": i for i in range(300)}
     model = db.to_dict()
     crash(db)
-    payloads = snapshot.kv_payloads(
-        (k, snapshot.CodecBytes(str(v).encode())) for k, v in entries.items()
-    )
+    payloads = snapshot.kv_payloads((k, snapshot.CodecBytes(str(v).encode())) for k, v in entries.items())
     snapshot.write_snapshot(walstore.fileapi.DEFAULT, str(path), db._core.identity.store_id, seq, payloads)
     (path / (fmt.snapshot_name(seq + 5) + ".tmp")).write_bytes(b"half a snapshot")
     assert len(names(path, "seg-*.wal")) > 2

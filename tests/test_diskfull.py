@@ -34,9 +34,7 @@ def fill(directory: Path) -> Path:
 
 
 @pytest.mark.parametrize("preallocate", [True, False])
-def test_full_ext4_fails_the_commit_and_recovers_after_space_is_freed(
-    tmp_path: Path, preallocate: bool
-) -> None:
+def test_full_ext4_fails_the_commit_and_recovers_after_space_is_freed(tmp_path: Path, preallocate: bool) -> None:
     with loop_mount(tmp_path, "ext4", 24) as mnt:
         path = mnt / "db"
         db = walstore.open(path, segment_size=256 << 10, preallocate=preallocate)

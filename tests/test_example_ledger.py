@@ -35,8 +35,9 @@ def test_killed_worker_keeps_every_acknowledged_transfer(tmp_path: Path) -> None
     ledger = load_example()
     path, acks = tmp_path / "ledger", tmp_path / "acks.txt"
     for round_ in range(3):
-        r = run("work", path, "--acks", acks, "--threads", 4, "--kill-after", 150, "--compact-every", 50,
-                "--seed", round_)
+        r = run(
+            "work", path, "--acks", acks, "--threads", 4, "--kill-after", 150, "--compact-every", 50, "--seed", round_
+        )
         assert r.returncode == ledger.KILL_CODE, r.stderr  # it died by os._exit mid-run, not by finishing
         acked = acks.read_text().split()
         assert len(acked) >= 150 * (round_ + 1)

@@ -127,6 +127,7 @@ def test_sync_mode_fast_put_reports_a_failed_fdatasync_and_poisons(tmp_path: Pat
 def test_sync_mode_threads_share_fdatasyncs_in_c(tmp_path: Path) -> None:
     require_fast()
     with walstore.open(tmp_path / "s") as db:
+
         def work(t: int) -> None:
             for i in range(200):
                 db[f"t{t}-{i % 7}"] = b"%d" % i

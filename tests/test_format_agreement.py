@@ -42,11 +42,7 @@ def header_constants(name: str) -> dict[str, Any]:
 
 def python_format_constants() -> dict[str, Any]:
     """format.py's upper-case int and bytes constants: the format's numbers."""
-    return {
-        k: v
-        for k, v in vars(fmt).items()
-        if k.isupper() and not k.startswith("_") and isinstance(v, (int, bytes))
-    }
+    return {k: v for k, v in vars(fmt).items() if k.isupper() and not k.startswith("_") and isinstance(v, (int, bytes))}
 
 
 def test_every_header_constant_equals_format_py() -> None:

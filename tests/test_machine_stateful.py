@@ -169,6 +169,4 @@ class QueueVsModel(RuleBasedStateMachine):
 
 @pytest.mark.usefixtures("backend")
 def test_queue_machine_matches_model(backend: str) -> None:
-    run_state_machine_as_test(
-        QueueVsModel, settings=settings(max_examples=40, stateful_step_count=30, deadline=None)
-    )
+    run_state_machine_as_test(QueueVsModel, settings=settings(max_examples=40, stateful_step_count=30, deadline=None))

@@ -112,9 +112,7 @@ def test_many_keys_grow_and_shrink(native: Any) -> None:
     """Enough keys to rebuild the table many times, with deletes leaving dead entries."""
     ops = [fmt.encode_op(PUT, 0, b"%06d" % i, b"v%d" % i) for i in range(5000)]
     ops += [fmt.encode_op(DELETE, 0, b"%06d" % i) for i in range(0, 5000, 3)]
-    ops += [
-        fmt.encode_op(PUT, fmt.op_flags(True, fmt.VALUE_STR), b"%06d" % i, b"s") for i in range(0, 5000, 7)
-    ]
+    ops += [fmt.encode_op(PUT, fmt.op_flags(True, fmt.VALUE_STR), b"%06d" % i, b"s") for i in range(0, 5000, 7)]
     log = frame(fmt.REC_COMMIT, 1, 0, b"".join(ops))
     assert replay_both(native, [(log, 0, len(log))])[0] == "ok"
 

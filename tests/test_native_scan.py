@@ -87,8 +87,7 @@ def test_sequence_number_edges(native: Any) -> None:
         for rec in (
             frame(fmt.REC_COMMIT, first_seq, 0, b""),
             frame(fmt.REC_CLOSE, first_seq - 1, first_seq - 1, b""),
-            frame(fmt.REC_COMMIT, first_seq, first_seq - 1, b"")
-            + frame(fmt.REC_COMMIT, first_seq + 1, 0, b""),
+            frame(fmt.REC_COMMIT, first_seq, first_seq - 1, b"") + frame(fmt.REC_COMMIT, first_seq + 1, 0, b""),
         ):
             for mask in (reader.SEGMENT_TYPES, 1 << 40 | reader.SEGMENT_TYPES):
                 check_same(native, rec + b"\x07", 0, first_seq, mask)
@@ -104,9 +103,7 @@ def test_mapped_segment_file(native: Any, tmp_path: Path) -> None:
         fmt.encode_frame(fmt.REC_COMMIT, s, s - 1, fmt.encode_op(fmt.OP_PUT, 0, b"k%d" % s, os.urandom(50)))
         for s in range(1, 200)
     ]
-    path.write_bytes(
-        fmt.FileHeader(fmt.KIND_SEGMENT, os.urandom(16), 1).encode() + b"".join(records) + bytes(1 << 16)
-    )
+    path.write_bytes(fmt.FileHeader(fmt.KIND_SEGMENT, os.urandom(16), 1).encode() + b"".join(records) + bytes(1 << 16))
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         result = check_same(native, mm, fmt.FILE_HEADER_SIZE, 1, reader.SEGMENT_TYPES)
     assert result[1]["damage"] is None and result[1]["records"] == 199

@@ -261,8 +261,12 @@ def test_order_is_dict_order(native: Any) -> None:
     """A key keeps its first place when overwritten; a PUT after a DELETE goes last."""
     put = [fmt.encode_op(PUT, 0, k, v) for k, v in [(b"a", b"1"), (b"b", b"2"), (b"c", b"3")]]
     log = commit_log(
-        [put, [fmt.encode_op(PUT, 0, b"a", b"4")], [fmt.encode_op(DELETE, 0, b"b", b"")],
-         [fmt.encode_op(PUT, 0, b"b", b"5")]]
+        [
+            put,
+            [fmt.encode_op(PUT, 0, b"a", b"4")],
+            [fmt.encode_op(DELETE, 0, b"b", b"")],
+            [fmt.encode_op(PUT, 0, b"b", b"5")],
+        ]
     )
     for make in (PyKVReplayer, native.KVReplayer):
         r = make()
@@ -322,8 +326,10 @@ def test_mmap_stays_exported_until_the_generator_ends(native: Any, tmp_path: Pat
 def test_write_snapshot_round_trip(which: str, tmp_path: Path) -> None:
     """Payloads through snapshot.write_snapshot: a valid snapshot that replays to the same state."""
     make = require_native().KVReplayer if which == "c" else PyKVReplayer
-    txns = [[fmt.encode_op(PUT, fmt.op_flags(i % 2 == 1, i % 3), f"k{i % 300}".encode(), b"v" * (i % 700))]
-            for i in range(3000)]
+    txns = [
+        [fmt.encode_op(PUT, fmt.op_flags(i % 2 == 1, i % 3), f"k{i % 300}".encode(), b"v" * (i % 700))]
+        for i in range(3000)
+    ]
     log = commit_log(txns)
     r = make()
     r.apply_range(log, 0, len(log))
@@ -477,8 +483,10 @@ def test_c_frames_refuse_a_buffer_below_one_record(native: Any) -> None:
 
 def mixed_log() -> bytes:
     """3,000 puts over 300 keys, values up to 700 bytes, one value longer than a chunk."""
-    txns = [[fmt.encode_op(PUT, fmt.op_flags(i % 2 == 1, i % 3), f"k{i % 300}".encode(), b"v" * (i % 700))]
-            for i in range(3000)]
+    txns = [
+        [fmt.encode_op(PUT, fmt.op_flags(i % 2 == 1, i % 3), f"k{i % 300}".encode(), b"v" * (i % 700))]
+        for i in range(3000)
+    ]
     txns.append([fmt.encode_op(PUT, 0, b"huge", bytes(range(256)) * 300)])
     return commit_log(txns)
 
@@ -699,9 +707,7 @@ def test_snapshot_writes_every_block_as_a_burst(tmp_path: Path, monkeypatch: pyt
         def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
             raise AssertionError("a snapshot write bypassed the burst writer")
 
-    info = snapshot.write_snapshot(
-        NoPwrite(), str(tmp_path), bytes(16), 5000, r.snapshot_payloads(8192), burst=burst
-    )
+    info = snapshot.write_snapshot(NoPwrite(), str(tmp_path), bytes(16), 5000, r.snapshot_payloads(8192), burst=burst)
     assert len(bursts) >= 3 and len(bursts) == info.timings["writes"] + 1  # + the last, partial block
     data = Path(info.path).read_bytes()
     assert snapshot.check_snapshot(info.path, data, bytes(16))[1].end == len(data) == info.size

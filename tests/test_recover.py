@@ -218,9 +218,10 @@ def test_last_consistent_keeps_prefix_and_quarantines_the_rest(tmp_path: Path) -
     assert moved and all((p / x["saved_as"]).exists() for x in moved)
     # Nothing is lost on disk: what remains plus what was quarantined covers every byte.
     assert quarantined_bytes(p) == sum(x["bytes"] for x in report["actions"])
-    assert sum(s.stat().st_size for s in segments(p)) + sum(
-        x["bytes"] for x in report["actions"] if x["action"] == "move"
-    ) == total
+    assert (
+        sum(s.stat().st_size for s in segments(p)) + sum(x["bytes"] for x in report["actions"] if x["action"] == "move")
+        == total
+    )
     saved = json.loads((p / report["report"]).read_text())
     assert saved["mode"] == "last-consistent" and saved["status"] == "done"
 

@@ -141,6 +141,4 @@ def _json_roundtrip(model: dict[Any, Any]) -> dict[Any, Any]:
 
 @pytest.mark.usefixtures("backend")
 def test_store_matches_dict_model(backend: str) -> None:
-    run_state_machine_as_test(
-        StoreVsDict, settings=settings(max_examples=40, stateful_step_count=30, deadline=None)
-    )
+    run_state_machine_as_test(StoreVsDict, settings=settings(max_examples=40, stateful_step_count=30, deadline=None))

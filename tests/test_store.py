@@ -108,8 +108,7 @@ def test_closed_store_raises(tmp_path: Path) -> None:
     db["a"] = 1
     db.close()
     db.close()  # idempotent
-    for action in (lambda: db["a"], lambda: db.__setitem__("a", 2), db.sync, lambda: len(db),
-                   db.transaction):
+    for action in (lambda: db["a"], lambda: db.__setitem__("a", 2), db.sync, lambda: len(db), db.transaction):
         with pytest.raises(walstore.StoreClosedError):
             action()
 
@@ -197,6 +196,7 @@ def test_group_commit_shares_fsyncs(tmp_path: Path) -> None:
     path = tmp_path / "db"
     barrier = threading.Barrier(8)
     with walstore.open(path) as db:
+
         def work(t: int) -> None:
             barrier.wait()
             for i in range(100):
@@ -234,7 +234,6 @@ def test_unknown_durability_is_refused_and_writes_nothing(tmp_path: Path) -> Non
         with pytest.raises(ValueError, match="durability"):
             walstore.open(tmp_path / "other", durability="fast")
         assert len(db) == 0 and db.last_seq == 0
-
 
 
 def _prepare_next_segment(db: walstore.Store, size: int) -> None:
@@ -277,9 +276,7 @@ def test_prepared_segment_is_kept_across_close_and_open(tmp_path: Path, backend:
 
 
 @pytest.mark.parametrize("reopen_with", [{"segment_size": 2 << 20}, {"preallocate": False}])
-def test_prepared_segment_that_does_not_fit_is_removed_at_open(
-    tmp_path: Path, reopen_with: dict[str, object]
-) -> None:
+def test_prepared_segment_that_does_not_fit_is_removed_at_open(tmp_path: Path, reopen_with: dict[str, object]) -> None:
     """A prepared segment of another size, or one left when preallocation is now off, is
     removed at open and never becomes a segment."""
     path = tmp_path / "db"

@@ -67,9 +67,7 @@ def test_yielding_is_restored_after_the_block(native: Any) -> None:
     assert lib.ws_set_yielding(0) == 0  # off again after it
 
 
-def test_a_compaction_yields_and_open_does_not(
-    native: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_compaction_yields_and_open_does_not(native: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(native, "AVAILABLE", True)  # the C replayer, even under WALSTORE_PURE=1
     assert walstore.backend() == "c"
     path = tmp_path / "db"

@@ -51,11 +51,9 @@ EXIT_CODES = {
     EXIT_OK: "success; verify/dump: the log is clean",
     EXIT_TORN: "verify/dump: only a torn tail past the durable point, or a newer snapshot that fails its"
     " checks (open() would cut it, or set it aside)",
-    EXIT_CORRUPT: "data before the durable point is damaged (corruption); recover: this mode cannot"
-    " repair it",
+    EXIT_CORRUPT: "data before the durable point is damaged (corruption); recover: this mode cannot repair it",
     EXIT_USAGE: "usage error: bad arguments, --yes missing when not interactive, command not available",
-    EXIT_STORE: "cannot use the store: missing, not a store, newer format version, permission, I/O error,"
-    " bad input",
+    EXIT_STORE: "cannot use the store: missing, not a store, newer format version, permission, I/O error, bad input",
     EXIT_LOCKED: "the store is locked by a running writer (commands that change a store)",
     EXIT_ABORTED: "recover: the operator declined; nothing was changed",
 }
@@ -181,12 +179,9 @@ def _segments_total(path: str) -> int:
     return total
 
 
-def _analyze(
-    path: str, *, with_state: bool = True, writer_running: Optional[bool] = None
-) -> recover.Analysis:
+def _analyze(path: str, *, with_state: bool = True, writer_running: Optional[bool] = None) -> recover.Analysis:
     with Progress(_segments_total(path), "scanning") as bar:
-        return recover.analyze(path, with_state=with_state, writer_running=writer_running,
-                               on_bytes=bar.advance)
+        return recover.analyze(path, with_state=with_state, writer_running=writer_running, on_bytes=bar.advance)
 
 
 def _seq_range(seg: recover.SegmentInfo) -> str:
@@ -212,14 +207,20 @@ def _verdict_line(a: recover.Analysis) -> str:
         return f"clean (not closed: the last writer crashed or is running; last seq {a.last_seq})"
     if v == "snapshot-rejected" or d is None:
         names = ", ".join(x.name for x in a.rejected_snapshots)
-        return (f"SNAPSHOT REJECTED: {names} failed its checks; open() will use the older base and the log,"
-                f" and move it to quarantine/ (last seq {a.last_seq})")
+        return (
+            f"SNAPSHOT REJECTED: {names} failed its checks; open() will use the older base and the log,"
+            f" and move it to quarantine/ (last seq {a.last_seq})"
+        )
     if v == "in-progress":
-        return (f"a writer (pid {a.holder_pid or '?'}) is appending: {d.length} bytes in progress at"
-                f" {d.segment}:{d.offset}; valid up to seq {a.last_seq}")
+        return (
+            f"a writer (pid {a.holder_pid or '?'}) is appending: {d.length} bytes in progress at"
+            f" {d.segment}:{d.offset}; valid up to seq {a.last_seq}"
+        )
     if v == "torn-tail":
-        return (f"TORN TAIL: {d.length} bytes at {d.segment}:{d.offset} (seq {d.seq}) past the durable point;"
-                f" open() will cut them and keep them in quarantine/")
+        return (
+            f"TORN TAIL: {d.length} bytes at {d.segment}:{d.offset} (seq {d.seq}) past the durable point;"
+            f" open() will cut them and keep them in quarantine/"
+        )
     return f"CORRUPT: {d.describe()}"
 
 
@@ -257,16 +258,19 @@ def _info_text(a: recover.Analysis) -> str:
     for s in a.segments:
         lines.append(f"  {s.name}  {_seq_range(s):<18} {_n(s.size):>12} B  {s.describe_verdict()}")
     if a.prepared_bytes is not None:
-        lines.append(f"prepared     {fmt.PREALLOC_READY_NAME}  {_n(a.prepared_bytes)} B of zeros: the next"
-                     " segment, taken by the next roll (not part of the state)")
+        lines.append(
+            f"prepared     {fmt.PREALLOC_READY_NAME}  {_n(a.prepared_bytes)} B of zeros: the next"
+            " segment, taken by the next roll (not part of the state)"
+        )
     lines.append(f"verdict      {_verdict_line(a)}")
     if a.state is not None:
         if a.verdict == "corruption":
-            lines.append(f"opens to     nothing: open() raises CorruptionError. Before the damage:"
-                         f" {_n(a.state.keys)} keys, {_n(a.state.bytes)} bytes, seq {a.last_seq}")
+            lines.append(
+                f"opens to     nothing: open() raises CorruptionError. Before the damage:"
+                f" {_n(a.state.keys)} keys, {_n(a.state.bytes)} bytes, seq {a.last_seq}"
+            )
         else:
-            lines.append(f"opens to     {_n(a.state.keys)} keys, {_n(a.state.bytes)} bytes,"
-                         f" last seq {a.last_seq}")
+            lines.append(f"opens to     {_n(a.state.keys)} keys, {_n(a.state.bytes)} bytes, last seq {a.last_seq}")
     elif a.state_note:
         lines.append(f"opens to     {a.state_note}")
     if a.quarantine_files:
@@ -413,8 +417,18 @@ class _DumpPrinter:
     def segment(self, seg: recover.SegmentInfo, size: int, note: str) -> None:
         self.seg_name = seg.name
         if self.args.json:
-            self.out.write(json.dumps({"type": "segment", "segment": seg.name, "first_seq": seg.name_seq,
-                                       "size": size, "note": note or None}) + "\n")
+            self.out.write(
+                json.dumps(
+                    {
+                        "type": "segment",
+                        "segment": seg.name,
+                        "first_seq": seg.name_seq,
+                        "size": size,
+                        "note": note or None,
+                    }
+                )
+                + "\n"
+            )
         else:
             extra = f"  {note}" if note else ""
             self.out.write(f"# {seg.name}  first seq {seg.name_seq}  {_n(size)} bytes{extra}\n")
@@ -437,8 +451,13 @@ class _DumpPrinter:
                 bad = str(exc)
         if a.json:
             doc: dict[str, Any] = {
-                "type": name, "segment": self.seg_name, "offset": rec.offset, "seq": rec.seq,
-                "durable": rec.durable, "length": rec.length, "after_damage": rec.after_damage,
+                "type": name,
+                "segment": self.seg_name,
+                "offset": rec.offset,
+                "seq": rec.seq,
+                "durable": rec.durable,
+                "length": rec.length,
+                "after_damage": rec.after_damage,
             }
             if rec.rtype == fmt.REC_COMMIT:
                 doc["ops"] = [_op_json(op, self.codec, a.full) for op in ops]
@@ -446,8 +465,9 @@ class _DumpPrinter:
             return
         mark = "  [after damage]" if rec.after_damage else ""
         nops = f"  {len(ops)} op{'s' if len(ops) != 1 else ''}" if rec.rtype == fmt.REC_COMMIT else ""
-        self.out.write(f"seq {rec.seq:<8} durable {rec.durable:<8} {name:<7} @{rec.offset:<9}"
-                       f" len {rec.length}{nops}{mark}\n")
+        self.out.write(
+            f"seq {rec.seq:<8} durable {rec.durable:<8} {name:<7} @{rec.offset:<9} len {rec.length}{nops}{mark}\n"
+        )
         for op in ops:
             key = _key_text(op.key, op.key_is_str, a.full)
             if op.op == fmt.OP_PUT:
@@ -463,10 +483,22 @@ class _DumpPrinter:
 
     def damage(self, d: recover.DamagedRange, verdict: str) -> None:
         if self.args.json:
-            self.out.write(json.dumps({"type": "damaged", "segment": self.seg_name, "offset": d.offset,
-                                       "end": d.end, "bytes": d.end - d.offset, "reason": d.reason,
-                                       "detail": d.detail, "verdict": verdict or None,
-                                       "header_as_read": d.header}) + "\n")
+            self.out.write(
+                json.dumps(
+                    {
+                        "type": "damaged",
+                        "segment": self.seg_name,
+                        "offset": d.offset,
+                        "end": d.end,
+                        "bytes": d.end - d.offset,
+                        "reason": d.reason,
+                        "detail": d.detail,
+                        "verdict": verdict or None,
+                        "header_as_read": d.header,
+                    }
+                )
+                + "\n"
+            )
             return
         h = d.header
         reads = ""
@@ -475,8 +507,9 @@ class _DumpPrinter:
             reads = f"; header reads: {tname} seq {h['seq']} durable {h['durable']} length {h['length']}"
         what = f" [{verdict}]" if verdict else ""
         detail = f" ({d.detail})" if d.detail else ""
-        self.out.write(f"!! DAMAGED @{d.offset}..{d.end} ({_n(d.end - d.offset)} bytes): {d.reason}{detail}"
-                       f"{reads}{what}\n")
+        self.out.write(
+            f"!! DAMAGED @{d.offset}..{d.end} ({_n(d.end - d.offset)} bytes): {d.reason}{detail}{reads}{what}\n"
+        )
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
@@ -531,9 +564,16 @@ def cmd_dump(args: argparse.Namespace) -> int:
                         break
                     if header is None and not seg_magic_own(data, ident.store_id):
                         continue
-                scan_hint = replay.scan_records(recover._b(data), fmt.FILE_HEADER_SIZE,
-                                                header.first_seq if header else first, reader.SEGMENT_TYPES) \
-                    if header is not None else None
+                scan_hint = (
+                    replay.scan_records(
+                        recover._b(data),
+                        fmt.FILE_HEADER_SIZE,
+                        header.first_seq if header else first,
+                        reader.SEGMENT_TYPES,
+                    )
+                    if header is not None
+                    else None
+                )
                 expected = scan_hint.last_seq + 1 if scan_hint is not None else None
                 verdict = ""
                 if scan_hint is not None and scan_hint.damage is not None:
@@ -549,8 +589,14 @@ def cmd_dump(args: argparse.Namespace) -> int:
                     printer.damage(d, verdict if len(seen) == 1 else "")
 
                 try:
-                    recover.walk_segment(data, fmt.FILE_HEADER_SIZE, header.first_seq if header else None,
-                                         printer.record, on_damage, resync=args.raw)
+                    recover.walk_segment(
+                        data,
+                        fmt.FILE_HEADER_SIZE,
+                        header.first_seq if header else None,
+                        printer.record,
+                        on_damage,
+                        resync=args.raw,
+                    )
                 except recover.StopWalk:
                     break
                 if damages:
@@ -594,13 +640,17 @@ def _plan_text(plan: recover.Plan) -> str:
     for act in plan.actions:
         seq = f", seq {act.first_seq}..{act.last_seq}" if act.first_seq is not None else ""
         if act.action == "cut":
-            lines.append(f"  cut   {act.segment} bytes {act.offset}..{act.end} ({_n(act.bytes)} B,"
-                         f" {act.records} valid records{seq}) -> quarantine; reason: {act.reason}")
+            lines.append(
+                f"  cut   {act.segment} bytes {act.offset}..{act.end} ({_n(act.bytes)} B,"
+                f" {act.records} valid records{seq}) -> quarantine; reason: {act.reason}"
+            )
         elif act.action == "move" and fmt.SNAPSHOT_NAME.match(act.segment):
             lines.append(f"  move  {act.segment} ({_n(act.bytes)} B) -> quarantine; {act.reason}")
         elif act.action == "move":
-            lines.append(f"  move  {act.segment} ({_n(act.bytes)} B, holds {act.records} records{seq})"
-                         f" -> quarantine; {act.reason}")
+            lines.append(
+                f"  move  {act.segment} ({_n(act.bytes)} B, holds {act.records} records{seq})"
+                f" -> quarantine; {act.reason}"
+            )
         else:
             lines.append(f"  write new segment files: {act.records} records{seq}; {act.reason}")
     for note in plan.notes:
@@ -615,14 +665,20 @@ def _loss_banner(plan: recover.Plan) -> str:
     commits = f"{_n(plan.dropped_commits)} COMMIT{'S' if plan.dropped_commits != 1 else ''}"
     single = len(plan.dropped_ranges) == 1 and plan.dropped_ranges[0][0] == plan.dropped_ranges[0][1]
     numbers = "sequence number" if single else "sequence numbers"
-    text = (f"!!! DATA LOSS: {commits} ({numbers} {ranges}) AND {_n(plan.dropped_bytes)}"
-            " BYTES WILL BE DROPPED from the log (kept in quarantine/, nothing is deleted) !!!")
+    text = (
+        f"!!! DATA LOSS: {commits} ({numbers} {ranges}) AND {_n(plan.dropped_bytes)}"
+        " BYTES WILL BE DROPPED from the log (kept in quarantine/, nothing is deleted) !!!"
+    )
     if plan.mode == "torn-tail":
-        text = (f"{_n(plan.dropped_bytes)} bytes past the durable point will be cut (seq {ranges}, never"
-                " acknowledged by a sync commit) and kept in quarantine/")
+        text = (
+            f"{_n(plan.dropped_bytes)} bytes past the durable point will be cut (seq {ranges}, never"
+            " acknowledged by a sync commit) and kept in quarantine/"
+        )
     if plan.mode == "skip-damaged" and plan.salvaged:
-        text += (f"\n!!! {_n(plan.salvaged)} valid records after the damage are KEPT WITH NEW SEQUENCE"
-                 " NUMBERS; they were written by an application that had seen the lost commits !!!")
+        text += (
+            f"\n!!! {_n(plan.salvaged)} valid records after the damage are KEPT WITH NEW SEQUENCE"
+            " NUMBERS; they were written by an application that had seen the lost commits !!!"
+        )
     return text + "\n"
 
 
@@ -675,8 +731,11 @@ def cmd_recover(args: argparse.Namespace) -> int:
             sys.stderr.write(banner)
             if not args.yes:
                 if not sys.stdin.isatty():
-                    raise CLIError("refusing to change the store without confirmation: not interactive;"
-                                   " re-run with --yes (or --dry-run to see the plan)", EXIT_USAGE)
+                    raise CLIError(
+                        "refusing to change the store without confirmation: not interactive;"
+                        " re-run with --yes (or --dry-run to see the plan)",
+                        EXIT_USAGE,
+                    )
                 if not _confirm("Proceed? [y/N] "):
                     sys.stderr.write("aborted; nothing was changed\n")
                     return EXIT_ABORTED
@@ -730,8 +789,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
     from .store import Store
 
     if not hasattr(Store, "compact"):
-        raise CLIError("compact: not available in this version (Store.compact() is not implemented yet)",
-                       EXIT_USAGE)
+        raise CLIError("compact: not available in this version (Store.compact() is not implemented yet)", EXIT_USAGE)
     before = _segments_total(path)
     db = _open_existing(path)
     try:
@@ -743,9 +801,11 @@ def cmd_compact(args: argparse.Namespace) -> int:
     if result is None:
         out.write(f"nothing to compact in {path}: the newest snapshot already covers the log\n")
         return EXIT_OK
-    out.write(f"compacted {path}: snapshot {os.path.basename(result.path)} (seq {result.seq},"
-              f" {_n(result.ops)} entries, {_n(result.size)} bytes);"
-              f" segments {_n(before)} -> {_n(after)} bytes\n")
+    out.write(
+        f"compacted {path}: snapshot {os.path.basename(result.path)} (seq {result.seq},"
+        f" {_n(result.ops)} entries, {_n(result.size)} bytes);"
+        f" segments {_n(before)} -> {_n(after)} bytes\n"
+    )
     return EXIT_OK
 
 
@@ -812,13 +872,11 @@ def cmd_import(args: argparse.Namespace) -> int:
                 value, vcodec = value_from_json(doc["value"])
                 if vcodec is not None and vcodec != "json":
                     if vcodec != codec.name:
-                        raise ValueError(f"the value was encoded by codec {vcodec!r}; this store uses"
-                                         f" {codec.name!r}")
+                        raise ValueError(f"the value was encoded by codec {vcodec!r}; this store uses {codec.name!r}")
                     value = codec.decode(value)
             except ValueError as exc:
                 tx.rollback()
-                raise CLIError(f"{args.file}:{n}: {exc}; {count} records were imported before it",
-                               EXIT_STORE) from None
+                raise CLIError(f"{args.file}:{n}: {exc}; {count} records were imported before it", EXIT_STORE) from None
             tx[key] = value
             pending += 1
             count += 1
@@ -848,8 +906,7 @@ def run_bench(argv: Sequence[str]) -> int:
         from . import bench
     except ModuleNotFoundError as exc:
         if exc.name in ("walstore.bench", f"{__package__}.bench"):
-            raise CLIError("bench: not available in this version (walstore/bench.py is missing)",
-                           EXIT_USAGE) from None
+            raise CLIError("bench: not available in this version (walstore/bench.py is missing)", EXIT_USAGE) from None
         raise
     parser = _Parser(prog=f"{PROG} bench", description="Measure commit throughput and latency.")
     bench.add_arguments(parser)
@@ -880,9 +937,7 @@ def _find_record(path: str, store_id: bytes, seq: int) -> Optional[tuple[str, in
         header = fmt.decode_file_header(memoryview(data)[: fmt.FILE_HEADER_SIZE])
         found: list[tuple[str, int, int]] = []
 
-        def note(
-            rec: recover.Record, spath: str = spath, found: list[tuple[str, int, int]] = found
-        ) -> None:
+        def note(rec: recover.Record, spath: str = spath, found: list[tuple[str, int, int]] = found) -> None:
             if rec.rtype == fmt.REC_COMMIT and rec.seq == seq:
                 found.append((spath, rec.offset, rec.size))
 
@@ -910,15 +965,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "commit.after_sync": "after the fdatasync, before returning to the caller",
     }[point]
     out.write(f"walstore demo: store {path}\n")
-    out.write(f"a child process commits orders in sync mode; it will die (SIGKILL) during commit {kill_at},"
-              f" {where}\n")
+    out.write(f"a child process commits orders in sync mode; it will die (SIGKILL) during commit {kill_at}, {where}\n")
     out.flush()
     env = dict(os.environ)
     env["WALSTORE_FAILPOINT"] = f"{point}:{kill_at}"
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, path, str(kill_at)], stdout=subprocess.PIPE,
-                            env=env, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, path, str(kill_at)], stdout=subprocess.PIPE, env=env, text=True
+    )
     assert proc.stdout is not None
     acked: list[int] = []
     buf = ""
@@ -950,8 +1005,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             with open(spath, "r+b") as f:
                 f.seek(off + size - cut)
                 f.write(bytes(cut))
-            out.write(f"simulating a power cut: commit {kill_at} was never synced, so the demo zeroes its"
-                      f" last {cut} bytes (as a lost page would) in {os.path.basename(spath)}\n")
+            out.write(
+                f"simulating a power cut: commit {kill_at} was never synced, so the demo zeroes its"
+                f" last {cut} bytes (as a lost page would) in {os.path.basename(spath)}\n"
+            )
     else:
         out.write(f"commit {kill_at} was synced but never acknowledged: a power cut cannot take it back\n")
     db = walstore.open(path)
@@ -967,8 +1024,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             out.write(f"seq {db.last_seq} survived too: it was durable; only its acknowledgement was lost\n")
         t = r.torn_tail
         if t is not None:
-            out.write(f"torn tail cut: {t.length} bytes at {os.path.basename(t.path)} offset {t.offset}"
-                      f" (seq {t.seq}, never acknowledged) -> {os.path.relpath(r.quarantined or '', path)}\n")
+            out.write(
+                f"torn tail cut: {t.length} bytes at {os.path.basename(t.path)} offset {t.offset}"
+                f" (seq {t.seq}, never acknowledged) -> {os.path.relpath(r.quarantined or '', path)}\n"
+            )
         else:
             out.write("no torn tail to cut\n")
     finally:
@@ -981,7 +1040,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # The parser
 
 
-_EPILOG = """\
+_EPILOG = (
+    """\
 examples:
   walstore info data/app                       what is in the store, what open() would do
   walstore verify data/app && echo clean       exit 0 clean, 1 torn tail, 2 corruption
@@ -993,11 +1053,14 @@ examples:
   walstore demo                                watch a crash and the recovery
 
 exit codes:
-""" + "\n".join(f"  {k}  {v}" for k, v in EXIT_CODES.items()) + """
+"""
+    + "\n".join(f"  {k}  {v}" for k, v in EXIT_CODES.items())
+    + """
 
 After a crash, start with `walstore verify`, then `walstore recover --dry-run`;
 docs/RECOVERY.md is the runbook.
 """
+)
 
 _RECOVER_EPILOG = """\
 modes (named after what they keep):
@@ -1062,98 +1125,140 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     def add(name: str, help_: str, description: str, epilog: str = "") -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_, description=description, epilog=epilog or None,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        return sub.add_parser(
+            name,
+            help=help_,
+            description=description,
+            epilog=epilog or None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
-    sp = add("info", "what is in a store and what open() would do",
-             "Show the store id, format version, replayer, snapshot, every segment with its sequence"
-             " range, size and verdict, and what the store opens to. Read-only; works while a writer"
-             " runs.", "example:\n  walstore info data/app\n  walstore info data/app --json")
+    sp = add(
+        "info",
+        "what is in a store and what open() would do",
+        "Show the store id, format version, replayer, snapshot, every segment with its sequence"
+        " range, size and verdict, and what the store opens to. Read-only; works while a writer"
+        " runs.",
+        "example:\n  walstore info data/app\n  walstore info data/app --json",
+    )
     sp.add_argument("dir", metavar="DIR", help="the store's directory")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_info)
 
-    sp = add("verify", "check every CRC, sequence number and watermark",
-             "Check the whole store. Exit 0 when clean (a tail being written by a running writer counts"
-             " as clean), 1 when only a torn tail would be cut, 2 when data before the durable point is"
-             " damaged. Read-only.", "example:\n  walstore verify data/app; echo $?")
+    sp = add(
+        "verify",
+        "check every CRC, sequence number and watermark",
+        "Check the whole store. Exit 0 when clean (a tail being written by a running writer counts"
+        " as clean), 1 when only a torn tail would be cut, 2 when data before the durable point is"
+        " damaged. Read-only.",
+        "example:\n  walstore verify data/app; echo $?",
+    )
     sp.add_argument("dir", metavar="DIR", help="the store's directory")
     sp.add_argument("--json", action="store_true", help="machine-readable output (with exit_code)")
     sp.set_defaults(func=cmd_verify)
 
-    sp = add("dump", "print every record, decoded",
-             "Print the records of the log in order: type, sequence number, watermark, offset and the"
-             " operations with their keys and (shortened) values. Streams segment by segment, so it"
-             " works on logs larger than memory. Codec values are shown encoded: dump never unpickles."
-             " Exit codes as for verify, for the part of the log read.",
-             "examples:\n  walstore dump data/app --from 100 --to 120\n"
-             "  walstore dump data/app --raw          also the records past damage, marked\n"
-             "  walstore dump data/app --json --full  JSON lines, values whole")
+    sp = add(
+        "dump",
+        "print every record, decoded",
+        "Print the records of the log in order: type, sequence number, watermark, offset and the"
+        " operations with their keys and (shortened) values. Streams segment by segment, so it"
+        " works on logs larger than memory. Codec values are shown encoded: dump never unpickles."
+        " Exit codes as for verify, for the part of the log read.",
+        "examples:\n  walstore dump data/app --from 100 --to 120\n"
+        "  walstore dump data/app --raw          also the records past damage, marked\n"
+        "  walstore dump data/app --json --full  JSON lines, values whole",
+    )
     sp.add_argument("dir", metavar="DIR", help="the store's directory")
     sp.add_argument("--from", dest="from_seq", type=_seq, metavar="SEQ", help="first sequence number to show")
     sp.add_argument("--to", dest="to_seq", type=_seq, metavar="SEQ", help="last sequence number to show")
     sp.add_argument("--json", action="store_true", help="one JSON object per line")
-    sp.add_argument("--raw", action="store_true",
-                    help="keep going past damage (resync on 8-byte boundaries), showing damaged ranges")
+    sp.add_argument(
+        "--raw",
+        action="store_true",
+        help="keep going past damage (resync on 8-byte boundaries), showing damaged ranges",
+    )
     sp.add_argument("--full", action="store_true", help="do not shorten keys and values")
     sp.set_defaults(func=cmd_dump)
 
-    sp = add("recover", "repair a damaged store (nothing is deleted)",
-             "Repair the store so that open() succeeds. Takes the store's lock: refuses while a writer"
-             " runs.", _RECOVER_EPILOG)
+    sp = add(
+        "recover",
+        "repair a damaged store (nothing is deleted)",
+        "Repair the store so that open() succeeds. Takes the store's lock: refuses while a writer runs.",
+        _RECOVER_EPILOG,
+    )
     sp.add_argument("dir", metavar="DIR", help="the store's directory")
     sp.add_argument("--mode", choices=recover.MODES, default="torn-tail", help="what to keep (see below)")
     sp.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
     sp.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     sp.add_argument("--json", action="store_true", help="print the run's report as JSON")
-    sp.add_argument("--segment-size", type=_size, metavar="BYTES",
-                    help="skip-damaged: size of the rewritten segments (default: the largest existing)")
+    sp.add_argument(
+        "--segment-size",
+        type=_size,
+        metavar="BYTES",
+        help="skip-damaged: size of the rewritten segments (default: the largest existing)",
+    )
     sp.set_defaults(func=cmd_recover)
 
-    sp = add("compact", "rewrite the store as a snapshot (when this version has it)",
-             "Call Store.compact(): write a snapshot of the state and drop the segments it covers.")
+    sp = add(
+        "compact",
+        "rewrite the store as a snapshot (when this version has it)",
+        "Call Store.compact(): write a snapshot of the state and drop the segments it covers.",
+    )
     sp.add_argument("dir", metavar="DIR", help="the store's directory")
     sp.set_defaults(func=cmd_compact)
 
-    sp = add("export", "write the state as JSON lines",
-             "Write the state open() would build as JSON lines on stdout, one {\"key\": K, \"value\": V}"
-             " per key. Read-only; streaming. Encoding: a str is a JSON string; bytes are"
-             ' {"b64": "..."}; a codec value is {"json": <value>} (json codec) or'
-             ' {"codec": "<name>", "b64": "..."} (other codecs, left encoded).',
-             "examples:\n  walstore export data/app > app.jsonl\n"
-             "  walstore export data/app --prefix > before-damage.jsonl")
+    sp = add(
+        "export",
+        "write the state as JSON lines",
+        'Write the state open() would build as JSON lines on stdout, one {"key": K, "value": V}'
+        " per key. Read-only; streaming. Encoding: a str is a JSON string; bytes are"
+        ' {"b64": "..."}; a codec value is {"json": <value>} (json codec) or'
+        ' {"codec": "<name>", "b64": "..."} (other codecs, left encoded).',
+        "examples:\n  walstore export data/app > app.jsonl\n  walstore export data/app --prefix > before-damage.jsonl",
+    )
     sp.add_argument("dir", metavar="DIR", help="the store's directory")
-    sp.add_argument("--prefix", action="store_true",
-                    help="on a corrupt store, export the state before the first damage instead of failing")
+    sp.add_argument(
+        "--prefix",
+        action="store_true",
+        help="on a corrupt store, export the state before the first damage instead of failing",
+    )
     sp.add_argument("-o", "--output", default="-", metavar="FILE", help="write here instead of stdout")
     sp.set_defaults(func=cmd_export)
 
-    sp = add("import", "load JSON lines (the export format) into a store",
-             "Read {\"key\": K, \"value\": V} lines (the export format) and put them into the store,"
-             " creating it if needed, in transactions of --batch records. Values encoded by another"
-             " codec than the store's are refused. A pickle-codec value is unpickled: import only files"
-             " you trust into pickle stores.",
-             "examples:\n  walstore import newdir app.jsonl\n"
-             "  gunzip -c app.jsonl.gz | walstore import newdir -")
+    sp = add(
+        "import",
+        "load JSON lines (the export format) into a store",
+        'Read {"key": K, "value": V} lines (the export format) and put them into the store,'
+        " creating it if needed, in transactions of --batch records. Values encoded by another"
+        " codec than the store's are refused. A pickle-codec value is unpickled: import only files"
+        " you trust into pickle stores.",
+        "examples:\n  walstore import newdir app.jsonl\n  gunzip -c app.jsonl.gz | walstore import newdir -",
+    )
     sp.add_argument("dir", metavar="DIR", help="the store's directory (created if missing)")
     sp.add_argument("file", metavar="FILE", help="JSON lines file, or - for stdin")
     sp.add_argument("--batch", type=int, default=1000, metavar="N", help="records per transaction (1000)")
-    sp.add_argument("--codec", choices=("json", "pickle"), default="json",
-                    help="codec of a store created by the import (json)")
+    sp.add_argument(
+        "--codec", choices=("json", "pickle"), default="json", help="codec of a store created by the import (json)"
+    )
     sp.set_defaults(func=cmd_import)
 
-    sp = add("bench", "measure commit throughput and latency",
-             "Run walstore's benchmark (walstore/bench.py); `walstore bench --help` lists its options.")
+    sp = add(
+        "bench",
+        "measure commit throughput and latency",
+        "Run walstore's benchmark (walstore/bench.py); `walstore bench --help` lists its options.",
+    )
     sp.set_defaults(func=None)
 
-    sp = add("demo", "watch a crash and what recovery keeps",
-             "A child process commits in sync mode, printing each acknowledged commit, and is killed in"
-             " the middle of a commit at a random point. The store is reopened and the demo shows what"
-             " survived: every acknowledged commit, and the torn tail (if any) that was cut and where its"
-             " bytes went. Takes about a second.",
-             "example:\n  walstore demo\n  walstore demo ./walstore-demo")
-    sp.add_argument("dir", metavar="DIR", nargs="?",
-                    help="a new or empty directory (default: a fresh temp dir)")
+    sp = add(
+        "demo",
+        "watch a crash and what recovery keeps",
+        "A child process commits in sync mode, printing each acknowledged commit, and is killed in"
+        " the middle of a commit at a random point. The store is reopened and the demo shows what"
+        " survived: every acknowledged commit, and the torn tail (if any) that was cut and where its"
+        " bytes went. Takes about a second.",
+        "example:\n  walstore demo\n  walstore demo ./walstore-demo",
+    )
+    sp.add_argument("dir", metavar="DIR", nargs="?", help="a new or empty directory (default: a fresh temp dir)")
     sp.add_argument("--seed", type=int, help="random seed (the kill point)")
     sp.set_defaults(func=cmd_demo)
     return p

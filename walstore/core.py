@@ -80,10 +80,7 @@ def read_identity(directory: str) -> Identity:
 def write_identity(fs: OSFileAPI, directory: str, identity: Identity) -> None:
     """Write IDENTITY by temp file, fsync, rename and directory fsync."""
     meta = json.dumps({"codec": identity.codec, "created": identity.created, "kind": identity.kind}).encode()
-    data = (
-        fmt.FileHeader(fmt.KIND_IDENTITY, identity.store_id).encode()
-        + fmt.encode_frame(fmt.REC_META, 0, 0, meta)
-    )
+    data = fmt.FileHeader(fmt.KIND_IDENTITY, identity.store_id).encode() + fmt.encode_frame(fmt.REC_META, 0, 0, meta)
     final = os.path.join(directory, fmt.IDENTITY_NAME)
     tmp = final + fmt.TMP_SUFFIX
     fd = fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -225,9 +222,11 @@ class LogCore:
                 if rejected:
                     path, why = rejected[0]
                     raise CorruptionError(
-                        path, why.offset, why.seq, why.reason,
-                        f"{why}; the log it covered is gone, so the state cannot be rebuilt without it"
-                        f" (then: {exc})",
+                        path,
+                        why.offset,
+                        why.seq,
+                        why.reason,
+                        f"{why}; the log it covered is gone, so the state cannot be rebuilt without it (then: {exc})",
                     ) from exc
                 raise
             self.rejected_snapshots = [p for p, _ in rejected]
@@ -321,8 +320,9 @@ class LogCore:
             self.fs.fdatasync(fd)
             seg = ActiveSegment(last.path, fd, last.header.first_seq, last.scan.end, os.fstat(fd).st_size)
         else:
-            seg = create_segment(self.fs, self.path, self.identity.store_id, state.last_seq + 1,
-                                 state.last_seq, 0, opts)
+            seg = create_segment(
+                self.fs, self.path, self.identity.store_id, state.last_seq + 1, state.last_seq, 0, opts
+            )
         return make_writer(self.fs, self.path, self.identity.store_id, seg, state.last_seq, opts)
 
     def check_open(self) -> None:

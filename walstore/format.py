@@ -132,16 +132,13 @@ def decode_file_header(data: bytes | memoryview) -> FileHeader:
     head = bytes(data[:FILE_HEADER_SIZE])
     if head[:8] != MAGIC:
         raise HeaderError(f"not a walstore file (magic {head[:8]!r})")
-    magic, version, kind, flags, store_id, first_seq, prev_seq, prev_size, reserved = (
-        FILE_HEADER.unpack_from(head)
-    )
+    magic, version, kind, flags, store_id, first_seq, prev_seq, prev_size, reserved = FILE_HEADER.unpack_from(head)
     (stored_crc,) = U32.unpack_from(head, 60)
     if crc(head[:60]) != stored_crc:
         raise HeaderError("file header CRC mismatch")
     if version > FORMAT_VERSION:
         raise HeaderError(
-            f"format version {version} was written by a newer walstore"
-            f" (this one reads version {FORMAT_VERSION})",
+            f"format version {version} was written by a newer walstore (this one reads version {FORMAT_VERSION})",
             newer_version=version,
         )
     if version < 1:

@@ -220,9 +220,7 @@ class Operation(Generic[S, P, R]):
         if mode == _APPLYING:
             return self.fn(obj, *args, **kwargs)
         if mode == _VALIDATING:
-            raise RuntimeError(
-                f"operation {self.name!r} was called from a validator; validators only read the state"
-            )
+            raise RuntimeError(f"operation {self.name!r} was called from a validator; validators only read the state")
         entry = _MANAGED.get(id(obj))
         if entry is None or entry[0]() is not obj:
             stored = self.canonical(args, kwargs)
@@ -264,8 +262,10 @@ class Operation(Generic[S, P, R]):
                     f"commit {seq}: upgrading operation {self.name!r} from version {version} raised {exc!r}"
                 ) from exc
         if len(args) != len(self.params):
-            how = f"version {version} upgraded to {self.version}" if version < self.version else (
-                f"version {version}; did its parameters change without a new version?"
+            how = (
+                f"version {version} upgraded to {self.version}"
+                if version < self.version
+                else (f"version {version}; did its parameters change without a new version?")
             )
             raise ReplayError(
                 f"commit {seq}: operation {self.name!r} has {len(args)} arguments, its parameters"
@@ -359,8 +359,10 @@ class _Spec:
 
     def _default_restore(self, value: Any) -> Any:
         if not isinstance(value, dict):
-            raise TypeError(f"the default snapshot of {self.cls.__qualname__} is a dict of its attributes,"
-                            f" not {type(value).__name__}")
+            raise TypeError(
+                f"the default snapshot of {self.cls.__qualname__} is a dict of its attributes,"
+                f" not {type(value).__name__}"
+            )
         cls: Any = self.cls
         obj = cls.__new__(cls)
         obj.__dict__.update(value)
@@ -462,8 +464,11 @@ class _Replayer:
             raise ReplayError(f"snapshot {seq}: {exc}") from None
         for op in ops:
             kind = op.value_kind
-            if op.op != fmt.OP_PUT or op.key or kind not in (fmt.VALUE_BYTES, fmt.VALUE_CODEC) or (
-                self._kind not in (-1, kind)
+            if (
+                op.op != fmt.OP_PUT
+                or op.key
+                or kind not in (fmt.VALUE_BYTES, fmt.VALUE_CODEC)
+                or (self._kind not in (-1, kind))
             ):
                 raise ReplayError(
                     f"snapshot {seq} holds key-value entries, not a state blob: this looks like a"
@@ -482,8 +487,7 @@ class _Replayer:
             self.state = self.spec.restore(value)
         except Exception as exc:
             raise ReplayError(
-                f"the snapshot at sequence number {seq} does not restore a {self.spec.cls.__qualname__}:"
-                f" {exc!r}"
+                f"the snapshot at sequence number {seq} does not restore a {self.spec.cls.__qualname__}: {exc!r}"
             ) from exc
 
     def finish(self) -> Any:
@@ -736,9 +740,13 @@ class MachineStore(DurableStore, Generic[S]):
         except SnapshotError:
             raise
         except Exception as exc:
-            hint = "" if self._spec.custom else (
-                "; the default snapshot encodes the state's attributes with the codec: define"
-                " __walstore_snapshot__ and __walstore_restore__ for other state"
+            hint = (
+                ""
+                if self._spec.custom
+                else (
+                    "; the default snapshot encodes the state's attributes with the codec: define"
+                    " __walstore_snapshot__ and __walstore_restore__ for other state"
+                )
             )
             raise SnapshotError(f"snapshotting the state failed: {exc!r}{hint}; nothing changed") from exc
 
@@ -793,7 +801,11 @@ class MachineStore(DurableStore, Generic[S]):
         # after a power loss the writer would continue that segment at the wrong sequence number.
         core.wait_durable(seq)
         info = snapshot.write_snapshot(
-            core.fs, self.path, core.identity.store_id, seq, _blob_payloads(kind, blob),
+            core.fs,
+            self.path,
+            core.identity.store_id,
+            seq,
+            _blob_payloads(kind, blob),
             burst=self._writer.burst_writer(),  # bursts paced between commits' syncs
         )
         del blob

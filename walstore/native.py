@@ -113,9 +113,7 @@ def _is_bytes_buffer(mv: memoryview) -> bool:
     return mv.itemsize == 1 and mv.ndim == 1 and mv.c_contiguous
 
 
-def scan_records(
-    buf: Buffer, start: int, first_seq: int, type_mask: int = reader.SEGMENT_TYPES
-) -> ScanResult:
+def scan_records(buf: Buffer, start: int, first_seq: int, type_mask: int = reader.SEGMENT_TYPES) -> ScanResult:
     """`reader.scan_records` (without the callback) in C: the same result on any input.
 
     Arguments outside what C represents (negative or past-the-end `start`,
@@ -411,8 +409,14 @@ class SnapshotFrames:
             if not 0 <= start <= size:
                 raise ValueError(f"start {start} outside a {size}-byte buffer")
             n = _lib.ws_snapshot_frames(
-                self._kv, self._cursor, self.chunk_bytes, self._seq, cbuf + start, size - start,
-                self._records, self._need,
+                self._kv,
+                self._cursor,
+                self.chunk_bytes,
+                self._seq,
+                cbuf + start,
+                size - start,
+                self._records,
+                self._need,
             )
         if n == -1:
             return -int(self._need[0])

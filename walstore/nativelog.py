@@ -184,9 +184,7 @@ class NativeLogWriter(LogWriter):
         half = (self._seg_size + 1) // 2  # `_maybe_prealloc`'s offset * 2 >= segment size
         prealloc = self._opts.preallocate and self._prealloc_thread is None and not self._prealloc_ready
         at = self.compact_at
-        _lib.ws_log_set_notify(
-            self._log, half if prealloc else _NO_LIMIT, int(at) + 1 if at < _NO_LIMIT else _NO_LIMIT
-        )
+        _lib.ws_log_set_notify(self._log, half if prealloc else _NO_LIMIT, int(at) + 1 if at < _NO_LIMIT else _NO_LIMIT)
 
     def set_compact_at(self, log_bytes: float) -> None:
         self.compact_at = log_bytes

@@ -43,8 +43,7 @@ MODES = ("torn-tail", "last-consistent", "skip-damaged")
 """recover modes, named after what they keep."""
 
 MODE_HELP = {
-    "torn-tail": "cut only a torn tail past the durable point, as open() does; refuse if synced data"
-    " is damaged",
+    "torn-tail": "cut only a torn tail past the durable point, as open() does; refuse if synced data is damaged",
     "last-consistent": "keep every record up to the first damage; quarantine everything after it,"
     " later segments included",
     "skip-damaged": "also keep the valid records after the damage, renumbered, in rewritten segments;"
@@ -138,8 +137,7 @@ def frame_header_as_read(buf: Buffer, off: int) -> Optional[dict[str, int]]:
         return None
     (stored_crc,) = fmt.U32.unpack_from(buf, off)
     length, rtype, flags, _r16, _r32, seq, durable = fmt.FRAME_HEADER.unpack_from(buf, off + 4)
-    return {"type": rtype, "length": length, "seq": seq, "durable": durable, "flags": flags,
-            "crc": stored_crc}
+    return {"type": rtype, "length": length, "seq": seq, "durable": durable, "flags": flags, "crc": stored_crc}
 
 
 def _resync_at(mv: memoryview, p: int, stop: int) -> Optional[tuple[int, int, int]]:
@@ -252,9 +250,7 @@ class RangeCount:
         self.damaged.append(d)
 
 
-def count_range(
-    buf: Buffer, start: int, first_seq: Optional[int], *, resync_from: Optional[int] = None
-) -> RangeCount:
+def count_range(buf: Buffer, start: int, first_seq: Optional[int], *, resync_from: Optional[int] = None) -> RangeCount:
     """Count the valid records and damaged bytes from `start` on, resyncing past damage."""
     out = RangeCount()
     walk_segment(buf, start, first_seq, out.add_record, out.add_damage, resync_from=resync_from)
@@ -413,9 +409,7 @@ class SegmentInfo:
             elif p.kind == "in-progress":
                 parts.append(f"write in progress at offset {p.offset} ({p.length} bytes past the records)")
             else:
-                parts.append(
-                    f"torn tail of {p.length} bytes at offset {p.offset} after the durable point ({p.reason})"
-                )
+                parts.append(f"torn tail of {p.length} bytes at offset {p.offset} after the durable point ({p.reason})")
         return "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -474,7 +468,7 @@ class Analysis:
 
     @property
     def verdict(self) -> str:
-        """"clean", "snapshot-rejected", "in-progress", "torn-tail" or "corruption" (the worst first)."""
+        """ "clean", "snapshot-rejected", "in-progress", "torn-tail" or "corruption" (the worst first)."""
         kinds = {p.kind for p in self.problems}
         if "corruption" in kinds:
             return "corruption"
@@ -599,9 +593,7 @@ def analyze(
         replayer = make_kv_replayer()
     analysis = Analysis(path, identity, replay.backend(), running, holder, snapshots, base, [], [], 0, False)
     if not is_kv:
-        analysis.state_note = (
-            f"application state ({identity.kind}); open it with walstore.open_machine and its class"
-        )
+        analysis.state_note = f"application state ({identity.kind}); open it with walstore.open_machine and its class"
     try:
         if replayer is not None and base is not None:
             sbuf = snap_bufs.pop(base.name)
@@ -640,24 +632,47 @@ def analyze(
                 if prev is not None and prev_ok and prev.scan is not None:
                     expected_first = prev.scan.last_seq + 1
                     if h.first_seq != expected_first or h.prev_seq != prev.scan.last_seq:
-                        seg.problems.append(Damage(
-                            "corruption", index, seg.name, 0, seg.size, expected_first, "missing-segment",
-                            f"starts at {h.first_seq} (predecessor recorded {h.prev_seq}),"
-                            f" but {prev.name} ends at {prev.scan.last_seq}",
-                        ))
+                        seg.problems.append(
+                            Damage(
+                                "corruption",
+                                index,
+                                seg.name,
+                                0,
+                                seg.size,
+                                expected_first,
+                                "missing-segment",
+                                f"starts at {h.first_seq} (predecessor recorded {h.prev_seq}),"
+                                f" but {prev.name} ends at {prev.scan.last_seq}",
+                            )
+                        )
                     elif h.prev_size != prev.scan.end:
-                        prev.problems.append(Damage(
-                            "corruption", segs.index(prev), prev.name, prev.scan.end, prev.size,
-                            prev.scan.last_seq + 1, "segment-size",
-                            f"{prev.name} holds {prev.scan.end} bytes of records,"
-                            f" the next segment recorded {h.prev_size}",
-                        ))
+                        prev.problems.append(
+                            Damage(
+                                "corruption",
+                                segs.index(prev),
+                                prev.name,
+                                prev.scan.end,
+                                prev.size,
+                                prev.scan.last_seq + 1,
+                                "segment-size",
+                                f"{prev.name} holds {prev.scan.end} bytes of records,"
+                                f" the next segment recorded {h.prev_size}",
+                            )
+                        )
                         replay_on = False
                 elif prev is None and h.first_seq > after_seq + 1:
-                    seg.problems.append(Damage(
-                        "corruption", index, seg.name, 0, seg.size, after_seq + 1, "missing-segment",
-                        f"the log starts at {h.first_seq} but the state so far ends at {after_seq}",
-                    ))
+                    seg.problems.append(
+                        Damage(
+                            "corruption",
+                            index,
+                            seg.name,
+                            0,
+                            seg.size,
+                            after_seq + 1,
+                            "missing-segment",
+                            f"the log starts at {h.first_seq} but the state so far ends at {after_seq}",
+                        )
+                    )
                 seg.scan = replay.scan_records(_b(data), _FH, h.first_seq, reader.SEGMENT_TYPES)
                 max_durable = max(max_durable, seg.scan.max_durable, seg.scan.resync_max_durable)
                 if seg.scan.damage is not None:
@@ -774,10 +789,18 @@ def _check_segment_header(seg: SegmentInfo, data: Buffer, store_id: bytes, index
         return False
     if seg.header.first_seq != seg.name_seq:
         seg.header_problem = "bad-header"
-        seg.problems.append(Damage(
-            "corruption", index, seg.name, 0, seg.size, None, "bad-header",
-            f"header says first sequence number {seg.header.first_seq}",
-        ))
+        seg.problems.append(
+            Damage(
+                "corruption",
+                index,
+                seg.name,
+                0,
+                seg.size,
+                None,
+                "bad-header",
+                f"header says first sequence number {seg.header.first_seq}",
+            )
+        )
         return False
     return True
 
@@ -941,14 +964,26 @@ def _plan_recovery(analysis: Analysis, mode: str, segment_size: Optional[int]) -
     plan = Plan(mode, analysis, kept_last_seq=analysis.last_seq)
     older_bad = [s.name for s in analysis.snapshots if s.role == "older" and not s.valid]
     if older_bad:
-        plan.notes.append(f"invalid snapshots older than the base ({', '.join(older_bad)}) are left"
-                          " alone: open() never reads them")
+        plan.notes.append(
+            f"invalid snapshots older than the base ({', '.join(older_bad)}) are left alone: open() never reads them"
+        )
     d = analysis.damage
     if d is None or d.kind != "in-progress":
         for snap in analysis.rejected_snapshots:  # what open() does with them, too
-            plan.actions.append(Action("move", snap.name, 0, snap.size, 0, None, None, snap.size,
-                                       f"snapshot failed its checks ({snap.problem}); the older base"
-                                       " and the log rebuild the state without it"))
+            plan.actions.append(
+                Action(
+                    "move",
+                    snap.name,
+                    0,
+                    snap.size,
+                    0,
+                    None,
+                    None,
+                    snap.size,
+                    f"snapshot failed its checks ({snap.problem}); the older base"
+                    " and the log rebuild the state without it",
+                )
+            )
     if d is None:
         return plan
     if d.kind == "in-progress":
@@ -965,8 +1000,19 @@ def _plan_recovery(analysis: Analysis, mode: str, segment_size: Optional[int]) -
         seg = analysis.segments[d.index]
         data = load_segment(seg.path, copy=True)
         cnt = count_range(data, d.offset, None, resync_from=d.offset + fmt.ALIGN)
-        plan.actions.append(Action("cut", seg.name, d.offset, d.end, cnt.records, cnt.first_seq, cnt.last_seq,
-                                   d.length, f"torn tail ({d.reason}) past the durable point"))
+        plan.actions.append(
+            Action(
+                "cut",
+                seg.name,
+                d.offset,
+                d.end,
+                cnt.records,
+                cnt.first_seq,
+                cnt.last_seq,
+                d.length,
+                f"torn tail ({d.reason}) past the durable point",
+            )
+        )
         plan.dropped_bytes = d.length
         ranges: list[list[int]] = []
         if cnt.first_seq is not None and cnt.last_seq is not None:
@@ -1004,8 +1050,19 @@ def _plan_cut_and_move(plan: Plan, analysis: Analysis, d: Damage) -> None:
         end = max(nonzero_end(data, d.offset), d.offset)
         if end > d.offset:
             cnt = count_range(data, d.offset, None, resync_from=d.offset + fmt.ALIGN)
-            plan.actions.append(Action("cut", seg.name, d.offset, end, cnt.records, cnt.first_seq,
-                                       cnt.last_seq, cnt.damaged_bytes, f"{d.kind}: {d.describe()}"))
+            plan.actions.append(
+                Action(
+                    "cut",
+                    seg.name,
+                    d.offset,
+                    end,
+                    cnt.records,
+                    cnt.first_seq,
+                    cnt.last_seq,
+                    cnt.damaged_bytes,
+                    f"{d.kind}: {d.describe()}",
+                )
+            )
             plan.dropped_bytes += end - d.offset
             plan.dropped_commits += cnt.commits
             if cnt.first_seq is not None and cnt.last_seq is not None:
@@ -1020,8 +1077,9 @@ def _plan_cut_and_move(plan: Plan, analysis: Analysis, d: Damage) -> None:
             why = "belongs to another store"
         elif s.header_problem:
             why += f" ({s.header_problem})"
-        plan.actions.append(Action("move", s.name, 0, s.size, cnt.records, cnt.first_seq, cnt.last_seq,
-                                   cnt.damaged_bytes, why))
+        plan.actions.append(
+            Action("move", s.name, 0, s.size, cnt.records, cnt.first_seq, cnt.last_seq, cnt.damaged_bytes, why)
+        )
         plan.dropped_bytes += s.size
         if s.own:
             plan.dropped_commits += cnt.commits
@@ -1029,8 +1087,9 @@ def _plan_cut_and_move(plan: Plan, analysis: Analysis, d: Damage) -> None:
                 dropped.append([cnt.first_seq, cnt.last_seq])
     # Everything after the kept prefix is gone from the log: the damaged record itself, and
     # whatever lies beyond it, whether it still parses or not.
-    hi = max([b for _a, b in dropped] + ([d.seq] if d.seq is not None and d.reason != "segment-size" else []),
-             default=None)
+    hi = max(
+        [b for _a, b in dropped] + ([d.seq] if d.seq is not None and d.reason != "segment-size" else []), default=None
+    )
     if hi is not None and hi > plan.kept_last_seq:
         plan.dropped_ranges = [[plan.kept_last_seq + 1, hi]]
     plan.dropped_commits = sum(b - a + 1 for a, b in plan.dropped_ranges)
@@ -1147,8 +1206,19 @@ def _plan_skip_damaged(plan: Plan, analysis: Analysis, d: Damage, segment_size: 
         if s in ignored:
             why = "belongs to another store" if not s.own else "not a walstore segment"
             plan.dropped_bytes += s.size
-        plan.actions.append(Action("move", s.name, 0, s.size, s.records, s.first_seq if s.scan else None,
-                                   s.last_seq if s.scan else None, 0, why))
+        plan.actions.append(
+            Action(
+                "move",
+                s.name,
+                0,
+                s.size,
+                s.records,
+                s.first_seq if s.scan else None,
+                s.last_seq if s.scan else None,
+                0,
+                why,
+            )
+        )
     sizes = [s.size for s in analysis.segments]
     plan.target_segment_size = segment_size or max([4096] + sizes)  # the store's own segment size
     total_new = salvaged
@@ -1159,11 +1229,19 @@ def _plan_skip_damaged(plan: Plan, analysis: Analysis, d: Damage, segment_size: 
         )
     if rejected:
         plan.notes.append(f"{rejected} valid-looking records out of sequence order were not kept")
-    plan.actions.append(Action(
-        "write", "(new segments)", 0, 0, total_new,
-        kept_last + 1 if total_new else None, kept_last + total_new if total_new else None, 0,
-        f"the kept prefix of {seg.name} and {salvaged} salvaged records, renumbered",
-    ))
+    plan.actions.append(
+        Action(
+            "write",
+            "(new segments)",
+            0,
+            0,
+            total_new,
+            kept_last + 1 if total_new else None,
+            kept_last + total_new if total_new else None,
+            0,
+            f"the kept prefix of {seg.name} and {salvaged} salvaged records, renumbered",
+        )
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -1279,8 +1357,15 @@ class _SegmentBuilder:
         self.fs.fsync(f.fileno())
         f.close()
         self._f = None
-        self.files.append({"segment": self._name, "first_seq": self._first, "last_seq": self._last,
-                           "records": self._records, "bytes": self._size})
+        self.files.append(
+            {
+                "segment": self._name,
+                "first_seq": self._first,
+                "last_seq": self._last,
+                "records": self._records,
+                "bytes": self._size,
+            }
+        )
 
 
 def execute(plan: Plan, fs: Optional[OSFileAPI] = None) -> dict[str, Any]:
@@ -1415,8 +1500,12 @@ def resume_interrupted(directory: str, fs: Optional[OSFileAPI] = None) -> list[s
         journal = report.get("journal") or {}
         if not os.path.isdir(os.path.join(run_dir, "new")):
             os.mkdir(os.path.join(run_dir, "new"))
-        _swap(fs, directory, run_dir, {"moves_out": list(journal.get("moves_out", [])),
-                                       "moves_in": list(journal.get("moves_in", []))})
+        _swap(
+            fs,
+            directory,
+            run_dir,
+            {"moves_out": list(journal.get("moves_out", [])), "moves_in": list(journal.get("moves_in", []))},
+        )
         report["status"] = "done"
         report["resumed"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
         write_report(run_dir, report, fs)

@@ -153,9 +153,7 @@ def inspect_log(
         data = read_file(path)
         header = check_header(path, data, fmt.KIND_SEGMENT, store_id)
         if header.first_seq != name_seq:
-            raise CorruptionError(
-                path, 0, None, "bad-header", f"header says first sequence number {header.first_seq}"
-            )
+            raise CorruptionError(path, 0, None, "bad-header", f"header says first sequence number {header.first_seq}")
         expected_first = (prev.scan.last_seq + 1) if prev is not None else None
         if prev is not None:
             if header.first_seq != expected_first or header.prev_seq != prev.scan.last_seq:
@@ -173,8 +171,7 @@ def inspect_log(
                     prev.scan.end,
                     prev.scan.last_seq + 1,
                     "segment-size",
-                    f"{prev.name} holds {prev.scan.end} bytes of records,"
-                    f" the next segment recorded {header.prev_size}",
+                    f"{prev.name} holds {prev.scan.end} bytes of records, the next segment recorded {header.prev_size}",
                 )
         elif header.first_seq > after_seq + 1:
             raise CorruptionError(
@@ -192,8 +189,11 @@ def inspect_log(
             expected = scan.last_seq + 1
             if not last:
                 raise CorruptionError(
-                    path, scan.end, expected, scan.damage, (scan.detail + "; " if scan.detail else "")
-                    + "a later segment exists, so this one was synced"
+                    path,
+                    scan.end,
+                    expected,
+                    scan.damage,
+                    (scan.detail + "; " if scan.detail else "") + "a later segment exists, so this one was synced",
                 )
             if max_durable >= expected:
                 raise CorruptionError(
@@ -276,8 +276,14 @@ def quarantine_file(fs: OSFileAPI, directory: str, path: str, why: str) -> str:
         fs.mkdir(qdir)
         fs.fsync_dir(directory)
     dest = os.path.join(qdir, f"{_utc_stamp()}-{os.path.basename(path)}")
-    report = {"action": "open", "kind": "file", "file": os.path.basename(path), "reason": why,
-              "bytes": os.path.getsize(path), "time": _dt.datetime.now(_dt.timezone.utc).isoformat()}
+    report = {
+        "action": "open",
+        "kind": "file",
+        "file": os.path.basename(path),
+        "reason": why,
+        "bytes": os.path.getsize(path),
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+    }
     fd = fs.open(dest + ".json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         fs.pwrite(fd, _json_bytes(report), 0)

@@ -200,11 +200,12 @@ behind more than about that much of the snapshot, on a slow disk as on a fast on
 BURST_BYTES = 24 << 20
 BURST_TARGET_S = 0.025
 """With a burst writer (the C log writer's, which paces each write between commits'
-syncs), the snapshot goes in bursts: a write and fdatasync of up to BURST_BYTES, sized to take
-about BURST_TARGET_S at the rate the last one ran (see `_Out._adapt`). One commit waits behind each burst, and by no more than about that; the
-commits between bursts do not wait at all. Many small pieces instead leave most commits
-waiting behind one (the p99 then grows); one write of the whole snapshot would hold up
-the commit behind it for the whole of it."""
+syncs), the snapshot goes in bursts: a write and fdatasync of up to BURST_BYTES, sized to
+take about BURST_TARGET_S at the rate the last one ran (see `_Out._adapt`). One commit
+(sometimes two or three) waits behind each burst, by no more than about that; the commits
+between bursts do not wait at all. Many small pieces instead leave most commits waiting
+behind one (the p99 then grows); one write of the whole snapshot would hold up the commit
+behind it for the whole of it."""
 
 SYNC_FIRST = 16 << 20
 SYNC_MIN = 4 << 20
@@ -484,9 +485,7 @@ def _round_up(n: int, align: int) -> int:
 class _Out:
     """The temp file being written: aligned writes (O_DIRECT when it works), write-behind syncs."""
 
-    def __init__(
-        self, fs: OSFileAPI, path: str, t: dict[str, float], burst: Optional[BurstWriter] = None
-    ) -> None:
+    def __init__(self, fs: OSFileAPI, path: str, t: dict[str, float], burst: Optional[BurstWriter] = None) -> None:
         self.fs = fs
         self.path = path
         self.t = t
@@ -619,7 +618,10 @@ def check_snapshot(path: str, data: reader.Buffer, store_id: bytes) -> tuple[int
     records, _ops = fmt.SNAPSHOT_END_PAYLOAD.unpack_from(mv, end_off + fmt.FRAME_HEADER_SIZE)
     if records != scan.records - 1:
         raise CorruptionError(
-            path, end_off, header.first_seq, "bad-payload",
+            path,
+            end_off,
+            header.first_seq,
+            "bad-payload",
             f"end record counts {records} data records, found {scan.records - 1}",
         )
     return header.first_seq, scan
@@ -658,7 +660,7 @@ def remove_covered(
         return removed
     kept = snaps[: max(1, keep)]
     oldest_kept = kept[-1][0]
-    doomed = [path for _seq, path in snaps[len(kept):]]
+    doomed = [path for _seq, path in snaps[len(kept) :]]
     segs = replay.list_segments(directory)
     doomed += [path for (_first, path), (next_first, _n) in zip(segs, segs[1:]) if next_first <= oldest_kept + 1]
     for path in doomed:

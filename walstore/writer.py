@@ -57,6 +57,8 @@ def _zero_burst() -> memoryview:
     if _zero_map is None:
         _zero_map = mmap.mmap(-1, PREALLOC_BURST_BYTES)
     return memoryview(_zero_map)
+
+
 _HS = fmt.FRAME_HEADER_SIZE
 _FRAME_PACK = fmt.FRAME_HEADER.pack
 _FRAME_OP_PACK = struct.Struct("<" + fmt.FRAME_HEADER.format.lstrip("<") + fmt.OP_HEADER.format.lstrip("<")).pack
@@ -217,8 +219,7 @@ class LogWriter:
             raise StoreClosedError("the store is closed")
         if self._poison is not None:
             raise StorePoisonedError(
-                f"an earlier write or fsync failed ({self._poison}); the store refuses writes"
-                " until it is reopened"
+                f"an earlier write or fsync failed ({self._poison}); the store refuses writes until it is reopened"
             ) from self._poison
 
     def _wake(self) -> None:
@@ -473,9 +474,7 @@ class LogWriter:
                 except OSError as exc2:
                     self._poison_with(exc2)
                     raise StorePoisonedError(f"could not undo a write on a full disk: {exc2}") from exc2
-            raise DiskFullError(
-                exc.errno, f"disk full while writing to {seg.path}; the commit was not made"
-            ) from exc
+            raise DiskFullError(exc.errno, f"disk full while writing to {seg.path}; the commit was not made") from exc
         self._poison_with(exc)
         raise StorePoisonedError(f"write to {seg.path} failed: {exc}; the store refuses writes") from exc
 
