@@ -98,12 +98,16 @@ int ws_log_wait(ws_log *log, uint64_t seq);
 int ws_log_gap(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us);
 
 /* One burst of a background writer: ws_log_gap (counting the commit syncs since the last
- * burst ended, so time spent preparing this one counts), then pwrite all of buf at offset and
- * fdatasync fd, with no GIL or Python in between, so the burst starts as a commit's sync
- * ends and the next commit queues behind this burst only. The nanoseconds the write and
- * fdatasync took (the wait not counted), or -errno. */
+ * burst ended, so time spent preparing this one counts); then it holds the log's syncs (the
+ * running one ends, no new one starts), pwrites all of buf at offset and fdatasyncs fd, with
+ * no GIL or Python in between, and lets the next sync start. So no commit's flush runs with
+ * the burst's write or flush: the next commit to sync waits for the whole burst, and its own
+ * flush then has only its records to add. The nanoseconds the write and fdatasync took (the
+ * waits not counted), or -errno. */
 int64_t ws_log_burst(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us, int fd, const uint8_t *buf,
                      size_t len, uint64_t offset);
+/* Bursts written, and commit syncs that ended while one was held (0 by design; for tests). */
+void ws_log_burst_stats(ws_log *log, uint64_t *bursts, uint64_t *syncs_during);
 
 /* No new sync starts until resumed; returns once the running one has ended. Nests. */
 void ws_log_pause(ws_log *log);

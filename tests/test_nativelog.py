@@ -346,6 +346,52 @@ def test_burst_writes_everything_and_syncs(tmp_path: Path) -> None:
         assert info.value.errno == errno.EBADF
 
 
+def test_a_burst_holds_the_commit_syncs_and_commits_go_on_after_it(tmp_path: Path) -> None:
+    """While a burst is written and fdatasynced no commit's sync runs (none ends during it),
+    and the commits waiting for one go on once it is done."""
+    lib = nativelog._lib
+    with walstore.open(tmp_path / "db", auto_compact=False) as db:
+        log = db._writer._log
+        burst = db._writer.burst_writer()
+        assert burst is not None
+        stop = threading.Event()
+        done = [0]
+
+        def commit() -> None:
+            while not stop.is_set():
+                db[f"k{done[0] % 10}"] = done[0]
+                done[0] += 1
+
+        t = threading.Thread(target=commit)
+        t.start()
+        fd = os.open(tmp_path / "out.bin", os.O_RDWR | os.O_CREAT, 0o644)
+        data = memoryview(os.urandom(8 << 20))
+        commits_between = []
+        try:
+            while db._writer.fsyncs < 5:  # the committer is running
+                pass
+            for i in range(4):
+                before = done[0]
+                burst(fd, data, i * len(data))
+                while done[0] < before + 3:  # commits go on after each burst
+                    pass
+                commits_between.append(done[0] - before)
+        finally:
+            stop.set()
+            t.join()
+            os.close(fd)
+        bursts, syncs_during = lib_stats(lib, log)
+    assert bursts == 4
+    assert syncs_during == 0  # without the hold, some of ~30 syncs per burst end during it
+    assert min(commits_between) >= 3
+
+
+def lib_stats(lib: Any, log: Any) -> tuple[int, int]:
+    out = nativelog._ffi.new("uint64_t[2]")
+    lib.ws_log_burst_stats(log, out, out + 1)
+    return int(out[0]), int(out[1])
+
+
 def test_reference_writer_has_no_burst_writer(tmp_path: Path, monkeypatch: Any) -> None:
     from walstore import native
 

@@ -40,8 +40,8 @@ DURABILITY_MODES = (SYNC, INTERVAL, NONE)
 
 BurstWriter = Callable[[int, memoryview, int], float]
 """`burst(fd, data, offset)`: wait while concurrent commits take their turn at the disk,
-then write all of `data` at `offset` of `fd` and fdatasync `fd`; the seconds the write and
-fdatasync took (the wait not counted); OSError on failure."""
+then, holding the log's commit syncs, write all of `data` at `offset` of `fd` and fdatasync
+`fd`; the seconds the write and fdatasync took (the waits not counted); OSError on failure."""
 
 _ZERO_CHUNK = bytes(1 << 20)
 PREALLOC_BURST_BYTES = 24 << 20
