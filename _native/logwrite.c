@@ -41,9 +41,9 @@ struct ws_log {
     uint64_t sync_target;   /* under mu: what the running sync covers */
     int fd;                 /* under mu */
     int syncing;            /* under mu: an fdatasync is running */
-    int bursting;           /* under mu: ws_log_burst holds the syncs: none starts */
-    uint64_t bursts;        /* under mu: bursts written */
-    uint64_t syncs_in_bursts; /* under mu: commit syncs that ended while a burst held (0) */
+    int bursting;           /* under mu: holders of the syncs (bursts, held turns): none starts */
+    uint64_t bursts;        /* under mu: holds ended (bursts and held turns) */
+    uint64_t syncs_in_bursts; /* under mu: commit syncs that ended while held (0) */
     int paused;             /* under mu: pause depth */
     int closed;             /* under mu */
     int error;              /* atomic, stored under mu: errno of a failed sync, never cleared */
@@ -543,6 +543,35 @@ int ws_log_gap(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us)
     return gap(log, NULL, syncs, idle_us, max_us);
 }
 
+/* Hold the syncs: the running one ends, and no other starts until release(); returns the
+ * count of syncs done then. Traced on the dev VM, a burst written while a commit's flush
+ * ran held up that commit for the write and the next one for the burst's own flush; held,
+ * one commit waits for both and the next not at all. Holds nest (a counter). */
+static uint64_t hold(ws_log *log)
+{
+    uint64_t at;
+    pthread_mutex_lock(&log->mu);
+    log->bursting++;
+    while (log->syncing && !log->closed && !log->error)
+        pthread_cond_wait(&log->cv, &log->mu);
+    at = log->fsyncs;
+    pthread_mutex_unlock(&log->mu);
+    return at;
+}
+
+static void release(ws_log *log, uint64_t fsyncs_at)
+{
+    pthread_mutex_lock(&log->mu);
+    if (log->bursting > 0)
+        log->bursting--;
+    log->bursts++;
+    log->syncs_in_bursts += log->fsyncs - fsyncs_at;
+    log->burst_fsyncs = log->fsyncs;
+    if (log->bursting == 0)
+        pthread_cond_signal(&log->done[(log->sync_gen + 1) & 1]); /* one waiting committer leads the next sync */
+    pthread_mutex_unlock(&log->mu);
+}
+
 int64_t ws_log_burst(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us, int fd, const uint8_t *buf,
                      size_t len, uint64_t offset)
 {
@@ -550,33 +579,30 @@ int64_t ws_log_burst(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max
     int rc, e = 0;
     uint64_t fsyncs_at;
     gap(log, &log->burst_fsyncs, syncs, idle_us, max_us); /* read under mu */
-    /* Hold the syncs: the running one (usually the one the gap waited for) ends, and no
-     * other starts until the burst is on disk. Traced on the dev VM, a burst written
-     * while a commit's flush ran held up that commit for the write and the next one for
-     * the burst's own flush; held, one commit waits for both and the next not at all. */
-    pthread_mutex_lock(&log->mu);
-    log->bursting = 1;
-    while (log->syncing && !log->closed && !log->error)
-        pthread_cond_wait(&log->cv, &log->mu);
-    fsyncs_at = log->fsyncs;
-    pthread_mutex_unlock(&log->mu);
+    fsyncs_at = hold(log);
     clock_gettime(CLOCK_MONOTONIC, &t0);
     rc = pwrite_fd(fd, buf, len, offset);
     if (rc >= 0 && data_sync(fd) != 0)
         e = errno;
     clock_gettime(CLOCK_MONOTONIC, &t1);
-    pthread_mutex_lock(&log->mu);
-    log->bursting = 0;
-    log->bursts++;
-    log->syncs_in_bursts += log->fsyncs - fsyncs_at;
-    log->burst_fsyncs = log->fsyncs;
-    pthread_cond_signal(&log->done[(log->sync_gen + 1) & 1]); /* one waiting committer leads the next sync */
-    pthread_mutex_unlock(&log->mu);
+    release(log, fsyncs_at);
     if (rc < 0)
         return rc;
     if (e)
         return -e;
     return (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
+}
+
+int ws_log_hold(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us, uint64_t *token)
+{
+    int rc = gap(log, NULL, syncs, idle_us, max_us);
+    *token = hold(log);
+    return rc;
+}
+
+void ws_log_release(ws_log *log, uint64_t token)
+{
+    release(log, token);
 }
 
 void ws_log_burst_stats(ws_log *log, uint64_t *bursts, uint64_t *syncs_during)

@@ -106,7 +106,14 @@ int ws_log_gap(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us);
  * waits not counted), or -errno. */
 int64_t ws_log_burst(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us, int fd, const uint8_t *buf,
                      size_t len, uint64_t offset);
-/* Bursts written, and commit syncs that ended while one was held (0 by design; for tests). */
+/* A held turn, for a background step that is not a write (unlinking a file, which frees
+ * and, on a filesystem mounted with `discard`, trims its blocks): ws_log_gap, then hold the
+ * syncs as ws_log_burst does until ws_log_release(token). The caller must release, and must
+ * not wait for a commit in between. Returns ws_log_gap's code. */
+int ws_log_hold(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us, uint64_t *token);
+void ws_log_release(ws_log *log, uint64_t token);
+/* Holds ended (bursts and held turns), and commit syncs that ended during one (0 by design;
+ * for tests). */
 void ws_log_burst_stats(ws_log *log, uint64_t *bursts, uint64_t *syncs_during);
 
 /* No new sync starts until resumed; returns once the running one has ended. Nests. */

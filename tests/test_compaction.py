@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -327,9 +329,9 @@ def test_snapshot_write_failing_at_each_step_changes_nothing(
         assert db2.to_dict() == model
 
 
-def test_cleanup_takes_a_turn_before_each_file_it_removes(tmp_path: Path, backend: str) -> None:
-    """remove_covered with a `turn`: one turn before each unlink (and a directory fsync
-    after each), so freeing a segment's blocks holds up one commit at most."""
+def test_cleanup_takes_a_turn_for_each_file_it_removes(tmp_path: Path, backend: str) -> None:
+    """remove_covered with a `turn`: each unlink and the directory fsync after it inside
+    its own turn, so freeing a segment's blocks holds up one commit at most."""
     path = tmp_path / "db"
     with walstore.open(path, segment_size=4096, auto_compact=False, keep_snapshots=2) as db:
         for i in range(300):
@@ -339,16 +341,36 @@ def test_cleanup_takes_a_turn_before_each_file_it_removes(tmp_path: Path, backen
             db[f"k{i % 50}"] = -i
         model = db.to_dict()
         assert first is not None and db.compact() is not None
-    turns: list[int] = []
+    turns: list[str] = []
+    fs = walstore.fileapi.OSFileAPI()
+    real_unlink, real_fsync_dir = fs.unlink, fs.fsync_dir
+    inside = [False]
+
+    def unlink(p: str) -> None:
+        turns.append(f"unlink in turn: {inside[0]}")
+        real_unlink(p)
+
+    def fsync_dir(d: str) -> None:
+        turns.append(f"fsync_dir in turn: {inside[0]}")
+        real_fsync_dir(d)
+
+    fs.unlink, fs.fsync_dir = unlink, fsync_dir  # type: ignore[method-assign]
+
+    @contextlib.contextmanager
+    def turn() -> Iterator[None]:
+        inside[0] = True
+        try:
+            yield
+        finally:
+            inside[0] = False
+
     covered = names(path, "seg-*.wal")[:-1]
     assert len(covered) > 3  # the segments after the older snapshot, kept with it
     snapshot_seqs = [int(n[5:-5]) for n in names(path, "snap-*.snap")]
     assert len(snapshot_seqs) == 2
-    removed = snapshot.remove_covered(
-        walstore.fileapi.OSFileAPI(), str(path), max(snapshot_seqs), 1, lambda: turns.append(1)
-    )
+    removed = snapshot.remove_covered(fs, str(path), max(snapshot_seqs), 1, turn)
     assert sorted(removed) == sorted(covered + [fmt.snapshot_name(min(snapshot_seqs))])
-    assert len(turns) == len(removed)
+    assert turns == ["unlink in turn: True", "fsync_dir in turn: True"] * len(removed)
     with walstore.open(path, segment_size=4096) as db:
         assert db.to_dict() == model
 

@@ -386,6 +386,51 @@ def test_a_burst_holds_the_commit_syncs_and_commits_go_on_after_it(tmp_path: Pat
     assert min(commits_between) >= 3
 
 
+def test_a_held_turn_holds_the_commit_syncs_and_releases_them_on_error(tmp_path: Path) -> None:
+    """`with writer.held_turn():` no commit's sync ends inside the block (a committer keeps
+    trying), the commits go on after it, also when the block raises; holds nest."""
+    lib = nativelog._lib
+    with walstore.open(tmp_path / "db", auto_compact=False) as db:
+        log = db._writer._log
+        stop = threading.Event()
+        done = [0]
+
+        def commit() -> None:
+            while not stop.is_set():
+                db[f"k{done[0] % 10}"] = done[0]
+                done[0] += 1
+
+        t = threading.Thread(target=commit)
+        t.start()
+        inside = []
+        try:
+            while db._writer.fsyncs < 5:  # the committer is running
+                pass
+            for i in range(3):
+                try:
+                    with db._writer.held_turn():
+                        before = db._writer.fsyncs
+                        with db._writer.held_turn():  # nested: still held after the inner block
+                            pass
+                        for _ in range(20):  # about 20 commit syncs' time
+                            os.fsync(os.open(tmp_path, os.O_RDONLY))
+                        inside.append(db._writer.fsyncs - before)
+                        if i == 1:
+                            raise RuntimeError("the step failed")
+                except RuntimeError:
+                    pass
+                mark = done[0]
+                while done[0] < mark + 3:  # commits go on after each turn, raised or not
+                    pass
+        finally:
+            stop.set()
+            t.join()
+        holds, syncs_during = lib_stats(lib, log)
+    assert holds == 6  # three turns, each with one nested
+    assert syncs_during == 0
+    assert inside == [0, 0, 0]  # the one running when the turn began had ended
+
+
 def lib_stats(lib: Any, log: Any) -> tuple[int, int]:
     out = nativelog._ffi.new("uint64_t[2]")
     lib.ws_log_burst_stats(log, out, out + 1)

@@ -809,7 +809,7 @@ class MachineStore(DurableStore, Generic[S]):
             burst=self._writer.burst_writer(),  # bursts paced between commits' syncs
         )
         del blob
-        removed = snapshot.remove_covered(core.fs, self.path, seq, self._keep_snapshots, self._writer.take_turn)
+        removed = snapshot.remove_covered(core.fs, self.path, seq, self._keep_snapshots, self._writer.held_turn)
         self._writer.finish_seal(removed)
         return info
 

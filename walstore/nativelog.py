@@ -23,9 +23,10 @@ is open (it is shut, under the lock, when the writer closes or is poisoned).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, Optional
 
 from . import failpoints as _fp
@@ -192,6 +193,15 @@ class NativeLogWriter(LogWriter):
 
     def take_turn(self) -> None:
         _lib.ws_log_gap(self._log, GAP_SYNCS, GAP_IDLE_US, GAP_MAX_US)
+
+    @contextlib.contextmanager
+    def held_turn(self) -> Iterator[None]:
+        token = _ffi.new("uint64_t *")
+        _lib.ws_log_hold(self._log, GAP_SYNCS, GAP_IDLE_US, GAP_MAX_US, token)
+        try:
+            yield
+        finally:
+            _lib.ws_log_release(self._log, token[0])
 
     def burst_writer(self) -> Optional[BurstWriter]:
         log = self._log

@@ -27,6 +27,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Protocol
 
@@ -644,15 +645,20 @@ def newest_valid_snapshot(
 
 
 def remove_covered(
-    fs: OSFileAPI, directory: str, seq: int, keep: int = 1, turn: Optional[Callable[[], object]] = None
+    fs: OSFileAPI,
+    directory: str,
+    seq: int,
+    keep: int = 1,
+    turn: Optional[Callable[[], AbstractContextManager[object]]] = None,
 ) -> list[str]:
     """Remove snapshots older than the newest `keep` at or below `seq`, and the segments
     wholly covered by the oldest snapshot kept. Returns the names removed.
 
     Call only once snapshot `seq` is durable (renamed and directory fsynced). With
-    `turn` (the log writer's `take_turn`), each file is unlinked and the directory
-    fsynced on its own turn between commits' syncs, so that freeing its blocks (a
-    discard, on a filesystem mounted with it) holds up one commit at most.
+    `turn` (the log writer's `held_turn`), each file is unlinked and the directory
+    fsynced inside its own turn, commits' syncs held meanwhile, so that freeing its
+    blocks (a discard, on a filesystem mounted with it) holds up one commit, and only
+    that one.
     """
     removed: list[str] = []
     snaps = [(s, p) for s, p in list_snapshots(directory) if s <= seq]
@@ -664,12 +670,13 @@ def remove_covered(
     segs = replay.list_segments(directory)
     doomed += [path for (_first, path), (next_first, _n) in zip(segs, segs[1:]) if next_first <= oldest_kept + 1]
     for path in doomed:
-        if turn is not None:
-            turn()
-        fs.unlink(path)
+        if turn is None:
+            fs.unlink(path)
+        else:
+            with turn():
+                fs.unlink(path)
+                fs.fsync_dir(directory)
         removed.append(os.path.basename(path))
-        if turn is not None:
-            fs.fsync_dir(directory)
     if removed and turn is None:
         fs.fsync_dir(directory)
     return removed

@@ -278,7 +278,7 @@ class Store(DurableStore, MutableMapping[Key, Any]):
                 close = getattr(buf, "close", None)
                 if close is not None:
                     close()
-        removed = snapshot.remove_covered(core.fs, self.path, seq, self._keep_snapshots, self._writer.take_turn)
+        removed = snapshot.remove_covered(core.fs, self.path, seq, self._keep_snapshots, self._writer.held_turn)
         self._writer.finish_seal(removed)
         return info
 

@@ -17,6 +17,7 @@ Guarantees (docs/GUARANTEES.md has the full statement):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -24,6 +25,7 @@ import struct
 import sys
 import threading
 from collections.abc import Callable, Collection
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, NoReturn, Optional
 
@@ -337,6 +339,13 @@ class LogWriter:
         """For a background task sharing the disk (compaction's seal and cleanup), before an
         operation that makes the disk busy: wait for commits to have their turn (the C
         writer: as before a burst; the pure-Python writer does not wait)."""
+
+    def held_turn(self) -> AbstractContextManager[object]:
+        """For a background step that makes the disk busy without writing (unlinking a
+        covered file): `with writer.held_turn(): ...` waits as `take_turn` does, then holds
+        commits' syncs until the block ends (the C writer; the pure-Python writer neither
+        waits nor holds). The block must not wait for a commit."""
+        return contextlib.nullcontext()
 
     def burst_writer(self) -> Optional[BurstWriter]:
         """For a background writer sharing the disk (a snapshot): a function that writes one
