@@ -137,7 +137,8 @@ def test_compaction_in_many_blocks(tmp_path: Any, monkeypatch: Any, backend: str
     ops = rec.ops[mark:]
     snap_ops = [op for op in ops if ".snap" in op.path]
     calls = [op.call or op.kind for op in snap_ops]
-    assert calls.count("pwrite") >= 4 and calls.count("fdatasync") >= 1, crashfs.format_ops(snap_ops)
+    # at least two block writes, a write-behind fdatasync, and the last block with the end record
+    assert calls.count("pwrite") >= 3 and calls.count("fdatasync") >= 1, crashfs.format_ops(snap_ops)
     assert {"open", "fsync", "rename", "close"} <= set(calls), crashfs.format_ops(snap_ops)
     assert any(op.kind == crashfs.DIRSYNC for op in ops) and any(op.kind == crashfs.UNLINK for op in ops)
     for c in commits[60:]:

@@ -416,6 +416,15 @@ class _Blocks:
             self.carry = b""
             return slot, 0, pending, True
         pending += n
+        if len(buf) - pending >= max(self.room, ALIGN):
+            # Room left: the source ran dry (or its next record is too big for the rest).
+            # Ask once more; at the end, this buffer is the last, so its records go out with
+            # the end record in one write, not two (each write is a burst that holds up a commit).
+            more = self.source.fill_into(buf, pending)
+            if more == 0:
+                self.carry = b""
+                return slot, 0, pending, True
+            pending += max(more, 0)  # negative: the next record does not fit here; it goes next
         aligned = pending // ALIGN * ALIGN
         self.carry = bytes(buf[aligned:pending])
         return slot, aligned, pending, False
