@@ -116,8 +116,10 @@ void ws_log_set_notify(ws_log *log, uint64_t offset, uint64_t log_bytes);
 int ws_log_wait(ws_log *log, uint64_t seq);
 void ws_log_set_gather(ws_log *log, uint32_t max_us);
 int ws_log_gap(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us);
-int64_t ws_log_burst(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us, int fd, const uint8_t *buf,
-                     size_t len, uint64_t offset);
+int64_t ws_log_burst(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us, uint64_t max_ns, int fd,
+                     const uint8_t *buf, size_t len, uint64_t offset);
+uint64_t ws_log_burst_rate(ws_log *log);
+void ws_log_set_burst_rate(ws_log *log, uint64_t bytes_per_second);
 int ws_log_hold(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us, uint64_t *token);
 void ws_log_release(ws_log *log, uint64_t token);
 void ws_log_burst_stats(ws_log *log, uint64_t *bursts, uint64_t *syncs_during);

@@ -34,6 +34,7 @@ struct ws_log {
     int peak_window;        /* under mu: most in the current window of PEAK_WINDOW syncs */
     uint64_t sync_ns;       /* under mu: how long the last fdatasync took */
     uint64_t burst_fsyncs;  /* under mu: fsyncs when the last ws_log_burst ended */
+    uint64_t burst_bps;     /* under mu: bytes a second the last burst part ran at (0: none yet) */
     uint64_t written;       /* atomic: highest seq whose frame (and every earlier one) is written */
     uint64_t durable;       /* atomic, stored under mu: highest seq on stable storage */
     uint64_t fsyncs;        /* under mu */
@@ -572,25 +573,74 @@ static void release(ws_log *log, uint64_t fsyncs_at)
     pthread_mutex_unlock(&log->mu);
 }
 
-int64_t ws_log_burst(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us, int fd, const uint8_t *buf,
-                     size_t len, uint64_t offset)
+#define BURST_PART_MIN (1u << 20) /* a burst is cut into parts of at least this many bytes */
+
+/* (mu held) The most bytes one burst part should hold to take max_ns at the rate the last
+ * part ran, a multiple of 4096 (O_DIRECT), at least BURST_PART_MIN; 0 for no limit. */
+static uint64_t part_cap(const ws_log *log, uint64_t max_ns)
 {
-    struct timespec t0, t1;
-    int rc, e = 0;
-    uint64_t fsyncs_at;
-    gap(log, &log->burst_fsyncs, syncs, idle_us, max_us); /* read under mu */
-    fsyncs_at = hold(log);
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    rc = pwrite_fd(fd, buf, len, offset);
-    if (rc >= 0 && data_sync(fd) != 0)
-        e = errno;
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    release(log, fsyncs_at);
-    if (rc < 0)
-        return rc;
-    if (e)
-        return -e;
-    return (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
+    uint64_t cap;
+    if (max_ns == 0 || log->burst_bps == 0)
+        return 0;
+    cap = log->burst_bps / 1000u * (max_ns / 1000000u) + log->burst_bps / 1000000000u * (max_ns % 1000000u);
+    cap &= ~(uint64_t)4095;
+    return cap < BURST_PART_MIN ? BURST_PART_MIN : cap;
+}
+
+int64_t ws_log_burst(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us, uint64_t max_ns, int fd,
+                     const uint8_t *buf, size_t len, uint64_t offset)
+{
+    int64_t total = 0;
+    size_t done = 0;
+    do {
+        struct timespec t0, t1;
+        int rc, e = 0;
+        uint64_t fsyncs_at, cap, ns;
+        size_t part = len - done;
+        pthread_mutex_lock(&log->mu);
+        cap = part_cap(log, max_ns);
+        pthread_mutex_unlock(&log->mu);
+        if (cap && part > cap) { /* a slower disk than the caller sized for: equal, shorter parts */
+            uint64_t n = (part + cap - 1) / cap, even = ((part + n - 1) / n + 4095) & ~(uint64_t)4095;
+            part = (size_t)(even < part ? even : part);
+        }
+        gap(log, &log->burst_fsyncs, syncs, idle_us, max_us); /* read under mu */
+        fsyncs_at = hold(log);
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        rc = pwrite_fd(fd, buf + done, part, offset + done);
+        if (rc >= 0 && data_sync(fd) != 0)
+            e = errno;
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        ns = (uint64_t)((int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec));
+        release(log, fsyncs_at);
+        if (rc < 0)
+            return rc;
+        if (e)
+            return -e;
+        if (part >= BURST_PART_MIN) { /* small parts say little about the rate */
+            pthread_mutex_lock(&log->mu);
+            log->burst_bps = (uint64_t)((double)part * 1e9 / (double)(ns ? ns : 1));
+            pthread_mutex_unlock(&log->mu);
+        }
+        total += (int64_t)ns;
+        done += part;
+    } while (done < len);
+    return total;
+}
+
+void ws_log_set_burst_rate(ws_log *log, uint64_t bytes_per_second)
+{
+    pthread_mutex_lock(&log->mu);
+    log->burst_bps = bytes_per_second;
+    pthread_mutex_unlock(&log->mu);
+}
+
+uint64_t ws_log_burst_rate(ws_log *log)
+{
+    pthread_mutex_lock(&log->mu);
+    uint64_t r = log->burst_bps;
+    pthread_mutex_unlock(&log->mu);
+    return r;
 }
 
 int ws_log_hold(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us, uint64_t *token)

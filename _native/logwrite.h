@@ -102,10 +102,17 @@ int ws_log_gap(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us);
  * running one ends, no new one starts), pwrites all of buf at offset and fdatasyncs fd, with
  * no GIL or Python in between, and lets the next sync start. So no commit's flush runs with
  * the burst's write or flush: the next commit to sync waits for the whole burst, and its own
- * flush then has only its records to add. The nanoseconds the write and fdatasync took (the
- * waits not counted), or -errno. */
-int64_t ws_log_burst(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us, int fd, const uint8_t *buf,
-                     size_t len, uint64_t offset);
+ * flush then has only its records to add. A burst that would take over max_ns (0: no
+ * limit) at the rate this log's last burst ran (any caller's: the next segment's zeros, a
+ * snapshot) goes in parts of that size (multiples of 4096, at least 1 MiB), each its own
+ * gap and hold, so a slower disk than the caller sized the burst for does not hold a commit
+ * longer. The nanoseconds the writes and fdatasyncs took (the waits not counted), or -errno. */
+int64_t ws_log_burst(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us, uint64_t max_ns, int fd,
+                     const uint8_t *buf, size_t len, uint64_t offset);
+/* The rate (bytes a second) the last burst part of at least 1 MiB ran at, 0 if none; set it
+ * (tests). */
+uint64_t ws_log_burst_rate(ws_log *log);
+void ws_log_set_burst_rate(ws_log *log, uint64_t bytes_per_second);
 /* A held turn, for a background step that is not a write (unlinking a file, which frees
  * and, on a filesystem mounted with `discard`, trims its blocks): ws_log_gap, then hold the
  * syncs as ws_log_burst does until ws_log_release(token). The caller must release, and must

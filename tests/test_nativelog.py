@@ -381,9 +381,37 @@ def test_a_burst_holds_the_commit_syncs_and_commits_go_on_after_it(tmp_path: Pat
             t.join()
             os.close(fd)
         bursts, syncs_during = lib_stats(lib, log)
-    assert bursts == 4
+    assert bursts >= 4  # four bursts, some perhaps in parts (a slow disk: see the next test)
     assert syncs_during == 0  # without the hold, some of ~30 syncs per burst end during it
     assert min(commits_between) >= 3
+
+
+def test_a_burst_on_a_slower_disk_than_last_time_goes_in_parts(tmp_path: Path) -> None:
+    """A burst that would take over BURST_PART_MAX_S at the rate the last one ran goes in parts
+    (each its own hold, at least 1 MiB, multiples of 4096), and the file is exact; the rate is
+    then the one measured, so a burst sized for it goes whole."""
+    lib = nativelog._lib
+    with walstore.open(tmp_path / "db", auto_compact=False) as db:
+        log = db._writer._log
+        burst = db._writer.burst_writer()
+        assert burst is not None
+        fd = os.open(tmp_path / "out.bin", os.O_RDWR | os.O_CREAT, 0o644)
+        data = os.urandom(5 << 20)
+        try:
+            bps = int((1 << 20) / nativelog.BURST_PART_MAX_S)  # as if 1 MiB took the whole limit
+            lib.ws_log_set_burst_rate(log, bps)
+            before, _ = lib_stats(lib, log)
+            burst(fd, memoryview(data), 0)
+            parts, _ = lib_stats(lib, log)
+            measured = int(lib.ws_log_burst_rate(log))
+            burst(fd, memoryview(data[: 1 << 20]), len(data))  # 1 MiB: whole at any rate
+            after, _ = lib_stats(lib, log)
+        finally:
+            os.close(fd)
+        assert (tmp_path / "out.bin").read_bytes() == data + data[: 1 << 20]
+    assert parts - before >= 2  # the first part (1 MiB, the 5 cut evenly) ran at this disk's rate, then the rest
+    assert measured != bps and measured > 0
+    assert after - parts == 1
 
 
 def test_a_held_turn_holds_the_commit_syncs_and_releases_them_on_error(tmp_path: Path) -> None:

@@ -91,7 +91,7 @@ GAP_MAX_US = 30000
 """Before each burst of a background writer (a snapshot), commits get GAP_SYNCS fdatasyncs
 undisturbed since the last burst, or GAP_MAX_US, whichever comes first; a log with no
 commit syncing or waiting for GAP_IDLE_US is idle and the burst goes at once. One commit
-(sometimes two) then waits behind each burst of about `snapshot.BURST_TARGET_S`, and the
+then waits behind each burst of about `snapshot.BURST_TARGET_S`, and the
 GAP_SYNCS after it do not. 48 rather than 64: the snapshot write went from 0.49-0.57 to
 0.56-0.64 of a raw write (bench/compaction.py), the p99 as noisy either way."""
 
@@ -103,6 +103,14 @@ most half the last sync's time; 0 turns gathering off)."""
 GAP_FULL_BYTES = 8 << 20
 """A burst smaller than this (the snapshot's last, say) waits for a share of GAP_SYNCS in
 proportion to its size: the commit behind it waits that much less."""
+
+BURST_PART_MAX_S = 0.045
+"""A burst that would take longer than this at the rate the log's last burst ran (the next
+segment's zeros, or the snapshot's previous burst) goes in parts of that size, each after
+its own gap (equal parts, multiples of 4096): one commit waits for each whole burst (its
+syncs held), so this bounds that wait under the 50 ms stall target. The snapshot sizes its bursts to take
+`snapshot.BURST_TARGET_S` (25 ms) at the rate its previous one ran, so parts are cut only
+when the disk is slower than that: its first burst (24 MiB) on a disk in a slow state."""
 
 
 def _os_error(code: int) -> OSError:
@@ -210,7 +218,9 @@ class NativeLogWriter(LogWriter):
             buf = _ffi.from_buffer(data)
             n = len(data)
             syncs = GAP_SYNCS if n >= GAP_FULL_BYTES else max(1, GAP_SYNCS * n // GAP_FULL_BYTES)
-            rc = int(_lib.ws_log_burst(log, syncs, GAP_IDLE_US, GAP_MAX_US, fd, buf, n, offset))
+            rc = int(
+                _lib.ws_log_burst(log, syncs, GAP_IDLE_US, GAP_MAX_US, int(BURST_PART_MAX_S * 1e9), fd, buf, n, offset)
+            )
             if rc < 0:
                 raise _os_error(-rc)
             return rc / 1e9
