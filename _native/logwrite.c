@@ -42,9 +42,9 @@ struct ws_log {
     uint64_t sync_target;   /* under mu: what the running sync covers */
     int fd;                 /* under mu */
     int syncing;            /* under mu: an fdatasync is running */
-    int bursting;           /* under mu: holders of the syncs (bursts, held turns): none starts */
-    uint64_t bursts;        /* under mu: holds ended (bursts and held turns) */
-    uint64_t syncs_in_bursts; /* under mu: commit syncs that ended while held (0) */
+    int holders;            /* under mu: holds of the syncs (bursts, held turns): while any, none starts */
+    uint64_t holds;         /* under mu: holds ended (burst parts and held turns) */
+    uint64_t syncs_in_holds; /* under mu: commit syncs that ended while held (0) */
     int paused;             /* under mu: pause depth */
     int closed;             /* under mu */
     int error;              /* atomic, stored under mu: errno of a failed sync, never cleared */
@@ -416,7 +416,7 @@ int ws_log_wait(ws_log *log, uint64_t seq)
             pthread_cond_wait(&log->done[log->sync_gen & 1], &log->mu);
             continue;
         }
-        if (log->syncing || log->gathering || log->bursting || log->paused || log->fd < 0) {
+        if (log->syncing || log->gathering || log->holders || log->paused || log->fd < 0) {
             /* Needs the next sync: its committers sleep apart, and one is woken to lead it. */
             pthread_cond_wait(&log->done[(log->sync_gen + 1) & 1], &log->mu);
             continue;
@@ -552,7 +552,7 @@ static uint64_t hold(ws_log *log)
 {
     uint64_t at;
     pthread_mutex_lock(&log->mu);
-    log->bursting++;
+    log->holders++;
     while (log->syncing && !log->closed && !log->error)
         pthread_cond_wait(&log->cv, &log->mu);
     at = log->fsyncs;
@@ -563,12 +563,12 @@ static uint64_t hold(ws_log *log)
 static void release(ws_log *log, uint64_t fsyncs_at)
 {
     pthread_mutex_lock(&log->mu);
-    if (log->bursting > 0)
-        log->bursting--;
-    log->bursts++;
-    log->syncs_in_bursts += log->fsyncs - fsyncs_at;
+    if (log->holders > 0)
+        log->holders--;
+    log->holds++;
+    log->syncs_in_holds += log->fsyncs - fsyncs_at;
     log->burst_fsyncs = log->fsyncs;
-    if (log->bursting == 0)
+    if (log->holders == 0)
         pthread_cond_signal(&log->done[(log->sync_gen + 1) & 1]); /* one waiting committer leads the next sync */
     pthread_mutex_unlock(&log->mu);
 }
@@ -655,11 +655,11 @@ void ws_log_release(ws_log *log, uint64_t token)
     release(log, token);
 }
 
-void ws_log_burst_stats(ws_log *log, uint64_t *bursts, uint64_t *syncs_during)
+void ws_log_hold_stats(ws_log *log, uint64_t *holds, uint64_t *syncs_during)
 {
     pthread_mutex_lock(&log->mu);
-    *bursts = log->bursts;
-    *syncs_during = log->syncs_in_bursts;
+    *holds = log->holds;
+    *syncs_during = log->syncs_in_holds;
     pthread_mutex_unlock(&log->mu);
 }
 

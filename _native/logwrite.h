@@ -121,7 +121,7 @@ int ws_log_hold(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us, 
 void ws_log_release(ws_log *log, uint64_t token);
 /* Holds ended (bursts and held turns), and commit syncs that ended during one (0 by design;
  * for tests). */
-void ws_log_burst_stats(ws_log *log, uint64_t *bursts, uint64_t *syncs_during);
+void ws_log_hold_stats(ws_log *log, uint64_t *holds, uint64_t *syncs_during);
 
 /* No new sync starts until resumed; returns once the running one has ended. Nests. */
 void ws_log_pause(ws_log *log);

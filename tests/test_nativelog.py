@@ -446,7 +446,7 @@ def test_a_held_turn_holds_the_commit_syncs_and_releases_them_on_error(tmp_path:
 
 def lib_stats(lib: Any, log: Any) -> tuple[int, int]:
     out = nativelog._ffi.new("uint64_t[2]")
-    lib.ws_log_burst_stats(log, out, out + 1)
+    lib.ws_log_hold_stats(log, out, out + 1)
     return int(out[0]), int(out[1])
 
 
