@@ -375,6 +375,51 @@ def test_cleanup_takes_a_turn_for_each_file_it_removes(tmp_path: Path, backend: 
         assert db.to_dict() == model
 
 
+class RecordingFS(walstore.fileapi.OSFileAPI):
+    """Records each close (by the path of the fd's file, renames followed) and unlink, in order."""
+
+    def __init__(self) -> None:
+        self.paths: dict[int, str] = {}
+        self.events: list[tuple[str, str]] = []
+
+    def open(self, path: str, flags: int, mode: int = 0o644) -> int:
+        fd = super().open(path, flags, mode)
+        self.paths[fd] = path
+        return fd
+
+    def close(self, fd: int) -> None:
+        self.events.append(("close", self.paths.pop(fd, "?")))
+        super().close(fd)
+
+    def unlink(self, path: str) -> None:
+        self.events.append(("unlink", path))
+        super().unlink(path)
+
+    def rename(self, src: str, dst: str) -> None:
+        super().rename(src, dst)
+        for fd, p in self.paths.items():  # an fd opened under a temporary name
+            if p == src:
+                self.paths[fd] = dst
+
+
+def test_the_sealed_segment_is_closed_before_its_unlink(tmp_path: Path) -> None:
+    """The segment a compaction seals, covered by its snapshot, is closed before it is
+    unlinked: its blocks are freed (and trimmed, on a filesystem mounted with `discard`)
+    at the unlink, in that unlink's held turn, not at a close after it."""
+    fs = RecordingFS()
+    path = tmp_path / "db"
+    with walstore.open(path, segment_size=64 << 10, auto_compact=False, fs=fs) as db:
+        for i in range(100):
+            db[f"k{i}"] = i
+        sealed = db._writer._seg.path  # the active segment: the compaction seals it
+        assert db.compact() is not None
+        assert not os.path.exists(sealed)
+    closes = [i for i, (what, p) in enumerate(fs.events) if what == "close" and p == sealed]
+    unlinks = [i for i, (what, p) in enumerate(fs.events) if what == "unlink" and p == sealed]
+    assert closes and unlinks == [unlinks[0]]
+    assert closes[0] < unlinks[0], fs.events
+
+
 def _chain_sizes(path: Path) -> list[tuple[int, int]]:
     """(file size, the next segment's prev_size) for every segment but the last."""
     segs = sorted(path.glob("seg-*.wal"))

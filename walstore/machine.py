@@ -809,8 +809,11 @@ class MachineStore(DurableStore, Generic[S]):
             burst=self._writer.burst_writer(),  # bursts paced between commits' syncs
         )
         del blob
-        removed = snapshot.remove_covered(core.fs, self.path, seq, self._keep_snapshots, self._writer.held_turn)
-        self._writer.finish_seal(removed)
+        doomed = snapshot.covered_files(self.path, seq, self._keep_snapshots)
+        # The sealed segment first, if it goes: it is closed before its unlink, so its blocks
+        # are freed (and trimmed, with `discard`) in that unlink's held turn, not at a close after.
+        self._writer.finish_seal([os.path.basename(path) for path in doomed])
+        snapshot.remove_covered(core.fs, self.path, seq, self._keep_snapshots, self._writer.held_turn, doomed)
         return info
 
     # ---- close -----------------------------------------------------------------

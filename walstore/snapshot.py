@@ -653,32 +653,40 @@ def newest_valid_snapshot(
     return None, rejected
 
 
+def covered_files(directory: str, seq: int, keep: int = 1) -> list[str]:
+    """The paths `remove_covered` removes: snapshots older than the newest `keep` at or
+    below `seq`, and the segments wholly covered by the oldest snapshot kept."""
+    snaps = [(s, p) for s, p in list_snapshots(directory) if s <= seq]
+    if not snaps:
+        return []
+    kept = snaps[: max(1, keep)]
+    oldest_kept = kept[-1][0]
+    doomed = [path for _seq, path in snaps[len(kept) :]]
+    segs = replay.list_segments(directory)
+    doomed += [path for (_first, path), (next_first, _n) in zip(segs, segs[1:]) if next_first <= oldest_kept + 1]
+    return doomed
+
+
 def remove_covered(
     fs: OSFileAPI,
     directory: str,
     seq: int,
     keep: int = 1,
     turn: Optional[Callable[[], AbstractContextManager[object]]] = None,
+    doomed: Optional[list[str]] = None,
 ) -> list[str]:
-    """Remove snapshots older than the newest `keep` at or below `seq`, and the segments
-    wholly covered by the oldest snapshot kept. Returns the names removed.
+    """Remove `covered_files(directory, seq, keep)` (or `doomed`, that list computed
+    earlier). Returns the names removed.
 
     Call only once snapshot `seq` is durable (renamed and directory fsynced). With
     `turn` (the log writer's `held_turn`), each file is unlinked and the directory
     fsynced inside its own turn, commits' syncs held meanwhile, so that freeing its
     blocks (a discard, on a filesystem mounted with it) holds up one commit, and only
-    that one.
+    that one. A file still open elsewhere is freed at its last close instead: close it
+    first (the log writer's `finish_seal`).
     """
     removed: list[str] = []
-    snaps = [(s, p) for s, p in list_snapshots(directory) if s <= seq]
-    if not snaps:
-        return removed
-    kept = snaps[: max(1, keep)]
-    oldest_kept = kept[-1][0]
-    doomed = [path for _seq, path in snaps[len(kept) :]]
-    segs = replay.list_segments(directory)
-    doomed += [path for (_first, path), (next_first, _n) in zip(segs, segs[1:]) if next_first <= oldest_kept + 1]
-    for path in doomed:
+    for path in covered_files(directory, seq, keep) if doomed is None else doomed:
         if turn is None:
             fs.unlink(path)
         else:

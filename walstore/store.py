@@ -278,8 +278,11 @@ class Store(DurableStore, MutableMapping[Key, Any]):
                 close = getattr(buf, "close", None)
                 if close is not None:
                     close()
-        removed = snapshot.remove_covered(core.fs, self.path, seq, self._keep_snapshots, self._writer.held_turn)
-        self._writer.finish_seal(removed)
+        doomed = snapshot.covered_files(self.path, seq, self._keep_snapshots)
+        # The sealed segment first, if it goes: it is closed before its unlink, so its blocks
+        # are freed (and trimmed, with `discard`) in that unlink's held turn, not at a close after.
+        self._writer.finish_seal([os.path.basename(path) for path in doomed])
+        snapshot.remove_covered(core.fs, self.path, seq, self._keep_snapshots, self._writer.held_turn, doomed)
         return info
 
     def transaction(self, *, durability: Optional[str] = None) -> Transaction:

@@ -606,9 +606,10 @@ class LogWriter:
         return seq
 
     def finish_seal(self, removed: Collection[str]) -> None:
-        """After a compaction: close the segment `seal_for_snapshot` left uncut if its name
-        is in `removed` (the snapshot covers it and it was unlinked), else cut it back to
-        its records and fsync it (on its turn, without holding up commits). Idempotent."""
+        """After a compaction's snapshot: close the segment `seal_for_snapshot` left uncut if
+        its name is in `removed` (the snapshot covers it: it is about to be unlinked, or
+        was), else cut it back to its records and fsync it (on its turn, without holding up
+        commits). Idempotent."""
         old, self._uncut = self._uncut, None
         if old is None:
             return
@@ -616,7 +617,7 @@ class LogWriter:
             try:
                 self._fs.close(old.fd)
             except OSError:
-                pass  # unlinked and nothing of it is read again
+                pass  # covered: nothing of it is read again
             return
         self.take_turn()
         self._seal(old, locked=False)
