@@ -362,23 +362,29 @@ def test_burst_writes_everything_and_syncs(tmp_path: Path) -> None:
         assert info.value.errno == errno.EBADF
 
 
+@contextlib.contextmanager
+def store_with_burst(tmp_path: Path) -> Iterator[tuple[walstore.Store, Any, Any, int]]:
+    """(store, its C log, its burst writer, an fd open on tmp_path/out.bin); all closed after."""
+    with walstore.open(tmp_path / "db", auto_compact=False) as db:
+        burst = db._writer.burst_writer()
+        assert burst is not None
+        fd = os.open(tmp_path / "out.bin", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            yield db, db._writer._log, burst, fd
+        finally:
+            os.close(fd)
+
+
 def test_a_burst_holds_the_commit_syncs_and_commits_go_on_after_it(tmp_path: Path) -> None:
     """While a burst is written and fdatasynced no commit's sync runs (none ends during it),
     and the commits waiting for one go on once it is done."""
     lib = nativelog._lib
-    with walstore.open(tmp_path / "db", auto_compact=False) as db:
-        log = db._writer._log
-        burst = db._writer.burst_writer()
-        assert burst is not None
-        fd = os.open(tmp_path / "out.bin", os.O_RDWR | os.O_CREAT, 0o644)
+    with store_with_burst(tmp_path) as (db, log, burst, fd):
         data = memoryview(os.urandom(8 << 20))
-        try:
-            with committing(db) as done:
-                for i in range(4):
-                    burst(fd, data, i * len(data))
-                    wait_for_commits(done, 3)  # commits go on after each burst
-        finally:
-            os.close(fd)
+        with committing(db) as done:
+            for i in range(4):
+                burst(fd, data, i * len(data))
+                wait_for_commits(done, 3)  # commits go on after each burst
         bursts, syncs_during = lib_stats(lib, log)
     assert bursts >= 4  # four bursts, some perhaps in parts (a slow disk: see the next test)
     assert syncs_during == 0  # without the hold, some of ~30 syncs per burst end during it
@@ -389,24 +395,17 @@ def test_a_burst_on_a_slower_disk_than_last_time_goes_in_parts(tmp_path: Path) -
     (each its own hold, at least 1 MiB, multiples of 4096), and the file is exact; the rate is
     then the one measured, so a burst sized for it goes whole."""
     lib = nativelog._lib
-    with walstore.open(tmp_path / "db", auto_compact=False) as db:
-        log = db._writer._log
-        burst = db._writer.burst_writer()
-        assert burst is not None
-        fd = os.open(tmp_path / "out.bin", os.O_RDWR | os.O_CREAT, 0o644)
-        data = os.urandom(5 << 20)
-        try:
-            bps = int((1 << 20) / nativelog.BURST_PART_MAX_S)  # as if 1 MiB took the whole limit
-            lib.ws_log_set_burst_rate(log, bps)
-            before, _ = lib_stats(lib, log)
-            burst(fd, memoryview(data), 0)
-            parts, _ = lib_stats(lib, log)
-            measured = int(lib.ws_log_burst_rate(log))
-            burst(fd, memoryview(data[: 1 << 20]), len(data))  # 1 MiB: whole at any rate
-            after, _ = lib_stats(lib, log)
-        finally:
-            os.close(fd)
-        assert (tmp_path / "out.bin").read_bytes() == data + data[: 1 << 20]
+    data = os.urandom(5 << 20)
+    with store_with_burst(tmp_path) as (_db, log, burst, fd):
+        bps = int((1 << 20) / nativelog.BURST_PART_MAX_S)  # as if 1 MiB took the whole limit
+        lib.ws_log_set_burst_rate(log, bps)
+        before, _ = lib_stats(lib, log)
+        burst(fd, memoryview(data), 0)
+        parts, _ = lib_stats(lib, log)
+        measured = int(lib.ws_log_burst_rate(log))
+        burst(fd, memoryview(data[: 1 << 20]), len(data))  # 1 MiB: whole at any rate
+        after, _ = lib_stats(lib, log)
+    assert (tmp_path / "out.bin").read_bytes() == data + data[: 1 << 20]
     assert parts - before >= 2  # the first part (1 MiB, the 5 cut evenly) ran at this disk's rate, then the rest
     assert measured != bps and measured > 0
     assert after - parts == 1
