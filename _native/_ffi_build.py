@@ -123,6 +123,7 @@ void ws_log_set_burst_rate(ws_log *log, uint64_t bytes_per_second);
 int ws_log_hold(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us, uint64_t *token);
 void ws_log_release(ws_log *log, uint64_t token);
 void ws_log_hold_stats(ws_log *log, uint64_t *holds, uint64_t *syncs_during);
+void ws_log_arrival_stats(ws_log *log, uint64_t *waited, uint64_t *arrived);
 void ws_log_pause(ws_log *log);
 void ws_log_resume(ws_log *log);
 void ws_log_publish(ws_log *log, uint64_t seq);

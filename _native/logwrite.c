@@ -27,6 +27,9 @@ struct ws_log {
     pthread_cond_t idle_cv; /* (CLOCK_MONOTONIC) ws_log_gap waits here for syncs to start and end */
     int waiters;            /* under mu: committers inside ws_log_wait */
     int gappers;            /* under mu: background writers inside ws_log_gap */
+    int arrivals;           /* under mu: holds waiting for a committer to come back (on idle_cv) */
+    uint64_t arrival_waits; /* under mu: holds that waited for a committer to come back */
+    uint64_t arrived;       /* under mu: ... and saw one come back before HOLD_ARRIVAL_US */
     pthread_cond_t gather_cv; /* (CLOCK_MONOTONIC) a would-be leader gathers committers here */
     int gathering;          /* under mu: a leader waits for committers before its sync */
     uint32_t gather_max_us; /* under mu: the longest it waits (0: never) */
@@ -396,6 +399,8 @@ int ws_log_wait(ws_log *log, uint64_t seq)
         return 0;
     pthread_mutex_lock(&log->mu);
     log->waiters++;
+    if (log->arrivals)
+        pthread_cond_broadcast(&log->idle_cv); /* a hold waits for a committer to come back */
     if (log->gathering && log->waiters >= log->peak)
         pthread_cond_signal(&log->gather_cv); /* the leader has gathered as many as it expects */
     for (;;) {
@@ -547,14 +552,37 @@ int ws_log_gap(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us)
 /* Hold the syncs: the running one ends, and no other starts until release(); returns the
  * count of syncs done then. Traced on the dev VM, a burst written while a commit's flush
  * ran held up that commit for the write and the next one for the burst's own flush; held,
- * one commit waits for both and the next not at all. Holds nest (a counter). */
+ * one commit waits for both and the next not at all. Holds nest (a counter).
+ *
+ * When a sync was running, the hold also waits (at most HOLD_ARRIVAL_US) for a committer
+ * to come back and wait: the committer that sync released is then back in its next commit,
+ * which waits for the hold anyway. Traced on the dev VM, a burst that started its write at
+ * once added about 0.7 ms to the commit before it (its return to Python, on a core the
+ * burst's write was being set up on, is the likely cause), one more slowed commit per burst
+ * and held turn; waiting for the arrival removed those (docs/BENCHMARKS.md). */
+#define HOLD_ARRIVAL_US 1000
 static uint64_t hold(ws_log *log)
 {
     uint64_t at;
+    int waited = 0;
     pthread_mutex_lock(&log->mu);
     log->holders++;
-    while (log->syncing && !log->closed && !log->error)
+    while (log->syncing && !log->closed && !log->error) {
         pthread_cond_wait(&log->cv, &log->mu);
+        waited = 1;
+    }
+    if (waited && log->waiters == 0) {
+        struct timespec until;
+        deadline_after(&until, HOLD_ARRIVAL_US);
+        log->arrivals++;
+        log->arrival_waits++;
+        while (log->waiters == 0 && !log->closed && !log->error)
+            if (pthread_cond_timedwait(&log->idle_cv, &log->mu, &until) == ETIMEDOUT)
+                break;
+        log->arrivals--;
+        if (log->waiters > 0)
+            log->arrived++;
+    }
     at = log->fsyncs;
     pthread_mutex_unlock(&log->mu);
     return at;
@@ -660,6 +688,14 @@ void ws_log_hold_stats(ws_log *log, uint64_t *holds, uint64_t *syncs_during)
     pthread_mutex_lock(&log->mu);
     *holds = log->holds;
     *syncs_during = log->syncs_in_holds;
+    pthread_mutex_unlock(&log->mu);
+}
+
+void ws_log_arrival_stats(ws_log *log, uint64_t *waited, uint64_t *arrived)
+{
+    pthread_mutex_lock(&log->mu);
+    *waited = log->arrival_waits;
+    *arrived = log->arrived;
     pthread_mutex_unlock(&log->mu);
 }
 

@@ -122,6 +122,9 @@ void ws_log_release(ws_log *log, uint64_t token);
 /* Holds ended (bursts and held turns), and commit syncs that ended during one (0 by design;
  * for tests). */
 void ws_log_hold_stats(ws_log *log, uint64_t *holds, uint64_t *syncs_during);
+/* Holds that, a commit's sync having run when they began, waited for a committer to come
+ * back and wait (at most 1 ms) before holding, and how many saw one come (for tests). */
+void ws_log_arrival_stats(ws_log *log, uint64_t *waited, uint64_t *arrived);
 
 /* No new sync starts until resumed; returns once the running one has ended. Nests. */
 void ws_log_pause(ws_log *log);

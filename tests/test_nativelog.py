@@ -390,6 +390,23 @@ def test_a_burst_holds_the_commit_syncs_and_commits_go_on_after_it(tmp_path: Pat
     assert syncs_during == 0  # without the hold, some of ~30 syncs per burst end during it
 
 
+def test_a_burst_after_a_commit_sync_waits_for_the_committer_to_come_back(tmp_path: Path) -> None:
+    """A burst that finds a commit's sync running lets that commit return, and starts its
+    write once the committer waits again (its next commit then waits for the burst alone)."""
+    lib = nativelog._lib
+    out = nativelog._ffi.new("uint64_t[2]")
+    with store_with_burst(tmp_path) as (db, log, burst, fd):
+        data = memoryview(os.urandom(1 << 20))
+        with committing(db) as done:
+            for i in range(8):
+                burst(fd, data, i * len(data))
+                wait_for_commits(done, 3)
+        lib.ws_log_arrival_stats(log, out, out + 1)
+    waited, arrived = int(out[0]), int(out[1])
+    assert waited >= 1  # one committer syncing back to back: bursts start behind its syncs
+    assert arrived >= 1  # and it came back (within 1 ms) before the burst's write
+
+
 def test_a_burst_on_a_slower_disk_than_last_time_goes_in_parts(tmp_path: Path) -> None:
     """A burst that would take over BURST_PART_MAX_S at the rate the last one ran goes in parts
     (each its own hold, at least 1 MiB, multiples of 4096), and the file is exact; the rate is
