@@ -83,6 +83,7 @@ int ws_kv_apply_range(ws_kv *kv, const uint8_t *buf, size_t size, size_t start, 
                       uint64_t *err_offset);
 uint64_t ws_kv_len(const ws_kv *kv);
 void ws_kv_export_sizes(const ws_kv *kv, uint64_t *blob_bytes, uint64_t *runs);
+uint64_t ws_kv_ops_bytes_from(const ws_kv *kv, uint64_t cursor, uint64_t limit);
 int64_t ws_kv_export(const ws_kv *kv, uint8_t *blob, size_t blob_size, uint64_t *runs, size_t runs_cap);
 typedef struct {
     const uint8_t *key;

@@ -502,6 +502,17 @@ void ws_kv_export_sizes(const ws_kv *kv, uint64_t *blob_bytes, uint64_t *runs)
     *runs = n;
 }
 
+uint64_t ws_kv_ops_bytes_from(const ws_kv *kv, uint64_t cursor, uint64_t limit)
+{
+    uint64_t bytes = 0;
+    for (uint64_t i = cursor; i < kv->n_entries && bytes <= limit; i++) {
+        const entry *e = &kv->entries[i];
+        if (e->live)
+            bytes += WS_OP_HEADER_SIZE + (uint64_t)e->klen + e->vlen;
+    }
+    return bytes;
+}
+
 int64_t ws_kv_export(const ws_kv *kv, uint8_t *blob, size_t blob_size, uint64_t *runs, size_t runs_cap)
 {
     const entry *prev = NULL;

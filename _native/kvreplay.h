@@ -45,6 +45,11 @@ uint64_t ws_kv_len(const ws_kv *kv);
 /* Sizes for ws_kv_export: the bytes of all surviving keys and values, and the number of runs. */
 void ws_kv_export_sizes(const ws_kv *kv, uint64_t *blob_bytes, uint64_t *runs);
 
+/* The bytes the surviving keys from entry `cursor` on take as snapshot operations (op
+ * header, key, value), counted only until they pass `limit`: a result over `limit` means
+ * "more than limit". Walks at most the entries that fit in limit (plus dead ones). */
+uint64_t ws_kv_ops_bytes_from(const ws_kv *kv, uint64_t cursor, uint64_t limit);
+
 /* Copy each surviving key then its value into `blob`, in dict order, and
  * describe them as runs (WS_KV_RUN_FIELDS u64 each) in `runs`. Returns the
  * number of runs written, or -1 if blob_size or runs_cap is too small. */

@@ -607,6 +607,100 @@ def test_the_last_records_go_out_with_the_end_record(native: Any, blocks_of_data
         assert fills[-1][1] > 4096 or total < 4096, (name, fills)
 
 
+def fill_blocks(source: Any, block: int) -> tuple[list[tuple[int, int, bool]], bytes, int]:
+    """Every fill of `source` through _Blocks of `block` bytes: the fills, the bytes they
+    hand out (the header, each aligned part, the last one whole) and the buffer size."""
+    blocks = snapshot._Blocks(source, bytes(64), {"fill": 0.0}, block, None)
+    fills: list[tuple[int, int, bool]] = []
+    out = bytearray()
+    while True:
+        slot, aligned, pending, last = blocks.fill(len(fills) % 2)
+        fills.append((aligned, pending, last))
+        out += blocks.bufs[slot][: pending if last else aligned]
+        if last:
+            break
+    size = blocks.size
+    source.close()
+    blocks.close()
+    return fills, bytes(out), size
+
+
+class WithoutBytesLeft:
+    """A frame source that cannot tell what is left (as the Python one)."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+        self.record_room = source.record_room
+
+    def fill_into(self, buf: Any, start: int) -> int:
+        return int(self.source.fill_into(buf, start))
+
+    def close(self) -> None:
+        self.source.close()
+
+
+@pytest.mark.parametrize("blocks_of_data", [1.1, 2.15, 1.5])
+def test_a_tail_within_a_quarter_block_goes_out_with_the_last_full_one(native: Any, blocks_of_data: float) -> None:
+    """From the C table, what is left after a block but within a quarter more goes in that
+    one buffer, the last (one burst, not a full one then a short one); half a block more
+    still goes as one more. The bytes are the same as from a source that cannot tell what
+    is left and fills one buffer per block."""
+    block = 64 << 10
+    value = b"v" * 100
+    n = int(blocks_of_data * block / (fmt.OP_HEADER_SIZE + 4 + len(value)))
+    log = b"".join(
+        fmt.encode_frame(fmt.REC_COMMIT, i + 1, i, fmt.encode_op(fmt.OP_PUT, 0, b"%04d" % i, value)) for i in range(n)
+    )
+    sources = []
+    for _ in range(2):
+        r = native.KVReplayer()
+        r.apply_range(log, 0, len(log))
+        sources.append(snapshot.kv_source(r, 7, 4096))
+    plain_fills, plain_bytes, size = fill_blocks(WithoutBytesLeft(sources[0]), block)
+    c_fills, c_bytes, _ = fill_blocks(sources[1], block)
+    assert c_bytes == plain_bytes
+    assert len(plain_fills) == int(blocks_of_data) + 1, (plain_fills, size)
+    assert plain_fills[-1][1] < size // snapshot.TAIL_MERGE or blocks_of_data == 1.5
+    merged = blocks_of_data != 1.5
+    assert len(c_fills) == len(plain_fills) - merged, (c_fills, size)
+    assert [f[2] for f in c_fills] == [False] * (len(c_fills) - 1) + [True]
+
+
+def test_bytes_left_counts_the_surviving_operations_still_to_come(native: Any) -> None:
+    """SnapshotFrames.bytes_left: at least the bytes the records still to come take and at
+    most a frame header and padding more per chunk; deleted keys count nothing; over
+    `limit` it only says so."""
+    value = b"w" * 50
+    r = native.KVReplayer()
+    ops = [fmt.encode_op(fmt.OP_PUT, 0, b"key%05d" % i, value) for i in range(3000)]
+    ops += [fmt.encode_op(fmt.OP_DELETE, 0, b"key%05d" % i, b"") for i in range(0, 3000, 3)]
+    log = b"".join(fmt.encode_frame(fmt.REC_COMMIT, i + 1, i, op) for i, op in enumerate(ops))
+    r.apply_range(log, 0, len(log))
+    chunk = 4096
+    source = snapshot.kv_source(r, 9, chunk)
+    try:
+        buf = mmap.mmap(-1, 1 << 20)
+        first = source.fill_into(buf, 0)
+        assert 0 < first < 1 << 19
+        left = source.bytes_left(1 << 30)
+        rest = 0
+        while n := source.fill_into(buf, 0):
+            rest += n
+        assert rest <= left <= rest + (rest // chunk + 1) * (fmt.FRAME_HEADER_SIZE + fmt.ALIGN)
+        assert source.bytes_left(1 << 30) == fmt.FRAME_HEADER_SIZE + fmt.ALIGN  # nothing left
+        buf.close()
+    finally:
+        source.close()
+    r2 = native.KVReplayer()
+    r2.apply_range(log, 0, len(log))
+    whole = snapshot.kv_source(r2, 9, chunk)
+    try:
+        assert whole.bytes_left(1000) > 1000  # only "more than 1000"
+        assert whole.bytes_left(1 << 30) >= 2000 * (fmt.OP_HEADER_SIZE + 8 + len(value))
+    finally:
+        whole.close()
+
+
 class CountingFS(OSFileAPI):
     def __init__(self) -> None:
         self.sizes: list[int] = []

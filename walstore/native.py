@@ -397,6 +397,16 @@ class SnapshotFrames:
         """SNAPSHOT_DATA records filled so far."""
         return int(self._records[0])
 
+    def bytes_left(self, limit: int) -> int:
+        """About the bytes the records still to come take (operations, plus a frame header and
+        padding per full chunk), or a number over `limit` when the operations alone pass it."""
+        if self._kv is None:
+            raise ValueError("snapshot frames closed")
+        ops = int(_lib.ws_kv_ops_bytes_from(self._kv, self._cursor[0], max(0, limit)))
+        if ops > limit:
+            return ops
+        return ops + (ops // self.chunk_bytes + 1) * (fmt.FRAME_HEADER_SIZE + fmt.ALIGN)
+
     def fill_into(self, buf: Any, start: int) -> int:
         """Append whole records to the writable buffer `buf` from offset `start` while at least
         `record_room` bytes remain; return the bytes added (0 once every key is out). When the
