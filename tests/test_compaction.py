@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -373,6 +374,117 @@ def test_cleanup_takes_a_turn_for_each_file_it_removes(tmp_path: Path, backend: 
     assert turns == ["unlink in turn: True", "fsync_dir in turn: True"] * len(removed)
     with walstore.open(path, segment_size=4096) as db:
         assert db.to_dict() == model
+
+
+def test_a_covered_file_over_a_step_is_freed_a_step_per_turn(tmp_path: Path, monkeypatch: Any) -> None:
+    """remove_covered with a `turn` frees a file bigger than 1.25 steps in several turns:
+    renamed to its FREE_SUFFIX name (the rename fsynced) in the first, cut back by a step
+    from its end in each, unlinked (and the directory fsynced) in the last; a crash between
+    turns leaves only a `.tmp` file, which open() removes."""
+    path = tmp_path / "db"
+    with walstore.open(path, segment_size=64 << 10, auto_compact=False, preallocate=False) as db:
+        for i in range(1500):
+            db[f"k{i % 50}"] = "v" * 100
+        seq = db.compact()
+    assert seq is not None
+    # make covered segments again (compact removed those it covered), and keep an older snapshot
+    with walstore.open(path, segment_size=64 << 10, auto_compact=False, preallocate=False, keep_snapshots=2) as db:
+        for i in range(1500):
+            db[f"k{i % 50}"] = "w" * 100
+        model = db.to_dict()
+        assert db.compact() is not None
+    snaps = sorted(int(n[5:-5]) for n in names(path, "snap-*.snap"))
+    doomed = snapshot.covered_files(str(path), snaps[-1], 1)
+    sizes = {p: os.path.getsize(p) for p in doomed}
+    big = [p for p, n in sizes.items() if n > 20 << 10]
+    assert big, sizes
+    monkeypatch.setattr(snapshot, "FREE_STEP_FIRST", 16 << 10)
+    monkeypatch.setattr(snapshot, "_free_rate", 0.0)
+    calls: list[tuple[int, str, str, int]] = []
+    fs = walstore.fileapi.OSFileAPI()
+    turn_no = [0]
+    inside = [False]
+    fds: dict[int, str] = {}
+    real = {n: getattr(fs, n) for n in ("unlink", "fsync_dir", "rename", "open", "ftruncate", "close")}
+
+    def record(name: str) -> Any:
+        def call(*args: Any) -> Any:
+            assert name == "close" or inside[0], f"{name} outside a turn"
+            if name in ("ftruncate", "close"):
+                target = fds.get(args[0], "?")
+            else:
+                target = os.path.basename(str(args[-1] if name == "rename" else args[0]))
+            size = args[1] if name == "ftruncate" else -1
+            calls.append((turn_no[0], name, target, size))
+            result = real[name](*args)
+            if name == "open":
+                fds[result] = os.path.basename(str(args[0]))
+            return result
+
+        return call
+
+    for n in real:
+        setattr(fs, n, record(n))
+
+    @contextlib.contextmanager
+    def turn() -> Iterator[None]:
+        turn_no[0] += 1
+        inside[0] = True
+        try:
+            yield
+        finally:
+            inside[0] = False
+
+    removed = snapshot.remove_covered(fs, str(path), snaps[-1], 1, turn)
+    assert sorted(removed) == sorted(os.path.basename(p) for p in doomed)
+    for p in big:
+        name = os.path.basename(p)
+        freed = name + snapshot.FREE_SUFFIX
+        mine = [c for c in calls if c[2] in (name, freed)]
+        assert mine[0][1:3] == ("rename", freed), mine
+        turns_used = sorted({c[0] for c in mine})
+        in_turn = [[c[1] for c in calls if c[0] == t and c[1] != "close"] for t in turns_used]
+        assert in_turn[0] == ["rename", "fsync_dir", "open", "ftruncate"], in_turn
+        assert all(steps == ["ftruncate"] for steps in in_turn[1:-1]), in_turn
+        assert in_turn[-1] == ["unlink", "fsync_dir"], in_turn
+        cuts = [c[3] for c in mine if c[1] == "ftruncate"]
+        assert len(cuts) == len(turns_used) - 1 >= 1  # one step a turn, then the unlink
+        assert all(a - b == 16 << 10 for a, b in zip([sizes[p]] + cuts, cuts)), cuts
+        assert cuts[-1] <= (16 << 10) * 5 // 4  # the last turn frees at most 1.25 steps
+    assert not list(path.glob("*" + snapshot.FREE_SUFFIX))
+    with walstore.open(path) as db:
+        assert db.to_dict() == model
+
+
+def test_the_free_step_follows_the_rate_the_last_big_step_ran_at(monkeypatch: Any) -> None:
+    """FREE_STEP_FIRST before any rate; then FREE_STEP_MAX_S at the rate of the last step
+    that freed at least FREE_STEP_MIN (smaller ones say little), never under FREE_STEP_MIN."""
+    monkeypatch.setattr(snapshot, "_free_rate", 0.0)
+    assert snapshot._free_step() == snapshot.FREE_STEP_FIRST
+    snapshot._timed_free(1 << 20, lambda: None)  # too small to time
+    assert snapshot._free_step() == snapshot.FREE_STEP_FIRST
+    snapshot._timed_free(snapshot.FREE_STEP_MIN, time.sleep, 0.02)
+    rate = snapshot._free_rate
+    assert 0 < rate <= snapshot.FREE_STEP_MIN / 0.02
+    step = snapshot._free_step()
+    assert step % 4096 == 0 and step == max(snapshot.FREE_STEP_MIN, int(rate * snapshot.FREE_STEP_MAX_S) // 4096 * 4096)
+    monkeypatch.setattr(snapshot, "_free_rate", 1e9)
+    assert snapshot._free_step() == int(1e9 * snapshot.FREE_STEP_MAX_S) // 4096 * 4096
+    monkeypatch.setattr(snapshot, "_free_rate", 1e6)
+    assert snapshot._free_step() == snapshot.FREE_STEP_MIN
+
+
+def test_open_removes_a_covered_file_left_half_freed(tmp_path: Path) -> None:
+    """A crash between the steps of freeing a covered file leaves `<name>.free.tmp`: open()
+    removes it, and the state is whole."""
+    path = tmp_path / "db"
+    with walstore.open(path) as db:
+        db["a"] = 1
+    left = path / ("seg-00000000000000000001.wal" + snapshot.FREE_SUFFIX)
+    left.write_bytes(b"x" * 5000)
+    with walstore.open(path) as db:
+        assert db.to_dict() == {"a": 1}
+    assert not left.exists()
 
 
 class RecordingFS(walstore.fileapi.OSFileAPI):

@@ -148,6 +148,35 @@ def test_compaction_in_many_blocks(tmp_path: Any, monkeypatch: Any, backend: str
 
 
 @pytest.mark.parametrize("backend", cc.BACKENDS)
+def test_compaction_freeing_covered_files_in_steps(tmp_path: Any, monkeypatch: Any, backend: str) -> None:
+    """The free step made tiny, so each covered file is renamed to its `.free.tmp` name,
+    cut back from its end a step at a time and then unlinked: every crash state across
+    those steps recovers the committed state (a half-freed file is a leftover open()
+    removes)."""
+    cc.select_backend(backend, monkeypatch)
+    monkeypatch.setattr(snapshot, "FREE_STEP_FIRST", 1024)
+    monkeypatch.setattr(snapshot, "_free_rate", 0.0)
+    seed = cc.base_seed(7117)
+    rec, hist = _record(tmp_path, "run")
+    kw: dict[str, Any] = {"segment_size": SEG, "auto_compact": False}
+    run = cc.Runner(rec, hist, **kw)
+    run.open()
+    commits = cc.make_commits(seed, 70, nkeys=60)
+    for c in commits[:60]:
+        run.commit(c)
+    mark = rec.mark()
+    run.compact()
+    ops = rec.ops[mark:]
+    freed = [op for op in ops if op.path.endswith(snapshot.FREE_SUFFIX)]
+    calls = [op.call or op.kind for op in freed]
+    assert calls.count("ftruncate") >= 2 and calls.count("unlink") >= 2, crashfs.format_ops(ops)
+    for c in commits[60:]:
+        run.commit(c)
+    run.close()
+    _check_all(tmp_path, rec, hist, "compaction freeing in steps", seed, cc.budget(600), kw)
+
+
+@pytest.mark.parametrize("backend", cc.BACKENDS)
 def test_no_preallocation(tmp_path: Any, monkeypatch: Any, backend: str) -> None:
     """preallocate=False: appends grow the file, so a crash can keep the size and lose the data."""
     cc.select_backend(backend, monkeypatch)

@@ -683,6 +683,75 @@ def covered_files(directory: str, seq: int, keep: int = 1) -> list[str]:
     return doomed
 
 
+FREE_STEP_MAX_S = 0.03
+"""With a turn (`remove_covered`), a covered file is freed in steps that each take about
+this long at the rate the last step freed blocks at: freeing a file's blocks (and, on a
+filesystem mounted with `discard`, trimming them) takes time in proportion to its size
+(on the dev VM 64 MiB took 24 to 48 ms, 16 MiB 5 to 7 ms), and one commit waits for each
+step."""
+FREE_STEP_FIRST = 64 << 20
+"""The step before any rate is known (in this process): one default-size segment."""
+FREE_STEP_MIN = 4 << 20
+FREE_SUFFIX = ".free" + fmt.TMP_SUFFIX
+"""A covered file freed in steps is first renamed to its name + this: a `.tmp` file, which
+nothing reads and `open()` removes, so that a crash never leaves a cut file under a
+segment's or snapshot's name."""
+
+_free_rate = 0.0  # bytes a second the last timed step freed, in this process (0: none yet)
+
+
+def _free_step() -> int:
+    """Bytes one step should free: FREE_STEP_MAX_S at the last rate (FREE_STEP_FIRST before
+    any), at least FREE_STEP_MIN, a multiple of 4096."""
+    if _free_rate <= 0:
+        return FREE_STEP_FIRST
+    return max(FREE_STEP_MIN, int(_free_rate * FREE_STEP_MAX_S) // 4096 * 4096)
+
+
+def _timed_free(freed: int, step: Callable[..., None], *args: Any) -> None:
+    """Run `step(*args)`, which frees `freed` bytes, and keep the rate it ran at (when the
+    step is big enough to tell)."""
+    global _free_rate
+    t0 = time.perf_counter()
+    step(*args)
+    took = time.perf_counter() - t0
+    if freed >= FREE_STEP_MIN and took > 0:
+        _free_rate = freed / took
+
+
+def _unlink_and_sync(fs: OSFileAPI, path: str, directory: str) -> None:
+    fs.unlink(path)
+    fs.fsync_dir(directory)
+
+
+def _free_in_turns(
+    fs: OSFileAPI, directory: str, path: str, turn: Callable[[], AbstractContextManager[object]]
+) -> None:
+    """Unlink `path` and fsync the directory, in held turns that each free about
+    `_free_step()` bytes: a file over 1.25 steps is renamed to a FREE_SUFFIX name (the
+    rename made durable in the first turn), cut back from its end a step per turn, and
+    unlinked in the last."""
+    left = os.stat(path).st_size
+    step = _free_step()
+    name, fd = path, -1
+    try:
+        while left > step + step // 4:
+            with turn():
+                if fd < 0:
+                    name = path + FREE_SUFFIX
+                    fs.rename(path, name)
+                    fs.fsync_dir(directory)
+                    fd = fs.open(name, os.O_WRONLY)
+                _timed_free(step, fs.ftruncate, fd, left - step)
+            left -= step
+            step = _free_step()
+    finally:
+        if fd >= 0:
+            fs.close(fd)
+    with turn():
+        _timed_free(left, _unlink_and_sync, fs, name, directory)
+
+
 def remove_covered(
     fs: OSFileAPI,
     directory: str,
@@ -695,20 +764,18 @@ def remove_covered(
     earlier). Returns the names removed.
 
     Call only once snapshot `seq` is durable (renamed and directory fsynced). With
-    `turn` (the log writer's `held_turn`), each file is unlinked and the directory
-    fsynced inside its own turn, commits' syncs held meanwhile, so that freeing its
-    blocks (a discard, on a filesystem mounted with it) holds up one commit, and only
-    that one. A file still open elsewhere is freed at its last close instead: close it
-    first (the log writer's `finish_seal`).
+    `turn` (the log writer's `held_turn`), each file is freed in its own turns, commits'
+    syncs held meanwhile, a step of about FREE_STEP_MAX_S each (see `_free_in_turns`), so
+    that freeing its blocks (a discard, on a filesystem mounted with it) holds up one
+    commit per step, and for no longer than that. A file still open elsewhere is freed at
+    its last close instead: close it first (the log writer's `finish_seal`).
     """
     removed: list[str] = []
     for path in covered_files(directory, seq, keep) if doomed is None else doomed:
         if turn is None:
             fs.unlink(path)
         else:
-            with turn():
-                fs.unlink(path)
-                fs.fsync_dir(directory)
+            _free_in_turns(fs, directory, path, turn)
         removed.append(os.path.basename(path))
     if removed and turn is None:
         fs.fsync_dir(directory)
