@@ -617,6 +617,8 @@ def fill_blocks(source: Any, block: int) -> tuple[list[tuple[int, int, bool]], b
         slot, aligned, pending, last = blocks.fill(len(fills) % 2)
         fills.append((aligned, pending, last))
         out += blocks.bufs[slot][: pending if last else aligned]
+        # the buffers are made once, with room for a tail: the last one is not made anew
+        assert len(blocks.bufs[slot]) == blocks.capacity
         if last:
             break
     size = blocks.size

@@ -344,11 +344,11 @@ def idle_priority() -> bool:
 class PreparedBuffers:
     """The two write buffers of a burst-paced snapshot, made (their pages too, by the C
     module) in a background thread at idle CPU priority started before the state is
-    captured, so that making their pages (48 MiB) is not on the snapshot's own time. `write_snapshot(prepared=...)`
+    captured, so that making their pages (60 MiB) is not on the snapshot's own time. `write_snapshot(prepared=...)`
     takes them; close() frees any left."""
 
     def __init__(self, count: int = 2) -> None:
-        self.size = _buffer_size(BURST_BYTES)
+        self.size = _buffer_size(BURST_BYTES + BURST_BYTES // TAIL_MERGE)  # _Blocks.capacity
         self._bufs: list[mmap.mmap] = []
         self._thread = threading.Thread(target=self._make, args=(count,), name="walstore-buffers", daemon=True)
         self._thread.start()
@@ -386,7 +386,10 @@ class _Blocks:
         self.source = source
         self.t = t
         self.room = int(getattr(source, "record_room", 0))
-        self.size = _buffer_size(block, self.room)
+        self.size = _buffer_size(block, self.room)  # what one buffer holds, the last one maybe more
+        # What a buffer is made with: room for the last one to hold a tail (see fill). The pages
+        # of prepared buffers are made beforehand; others' are made only where written.
+        self.capacity = _buffer_size(block + block // TAIL_MERGE, self.room)
         self.bufs: list[mmap.mmap] = []
         self.carry = header
         self.prepared = prepared
@@ -395,8 +398,8 @@ class _Blocks:
         """Slot's buffer (made on first use), holding at least `need` bytes; a buffer made
         bigger keeps its first `keep` bytes."""
         while len(self.bufs) <= slot:
-            made = self.prepared.take(self.size) if self.prepared is not None else None
-            self.bufs.append(made if made is not None else _new_buffer(self.size))
+            made = self.prepared.take(self.capacity) if self.prepared is not None else None
+            self.bufs.append(made if made is not None else _new_buffer(self.capacity))
         buf = self.bufs[slot]
         if len(buf) < need:
             bigger = mmap.mmap(-1, _round_up(need, ALIGN))
@@ -409,34 +412,38 @@ class _Blocks:
         """Fill slot's buffer: (slot, bytes to write now, bytes in it, last). The last one
         holds everything left (no more records), to be written with the end record.
 
-        When what is left is over a block but within 1 + 1/TAIL_MERGE of one (a source that
-        can tell, `bytes_left`), this buffer is made big enough to be the last: one write
-        (a burst that holds up one commit) instead of a full one and a short one after it."""
+        A buffer is filled to `size`. When what is left is over that but within a quarter
+        block more (a source that can tell, `bytes_left`), it is filled with all of it, up to
+        `capacity`, and is the last: one write (a burst that holds up one commit) instead of
+        a full one and a short one after it."""
         buf = self.take(slot, 0)
         pending = len(self.carry)
         buf[:pending] = self.carry
+        extent = self.size
         bytes_left = getattr(self.source, "bytes_left", None)
         if bytes_left is not None:
-            fits = len(buf) - pending - max(self.room, ALIGN)  # fill_into stops short of room
+            fits = extent - pending - max(self.room, ALIGN)  # fill_into stops short of room
             left = bytes_left(fits + self.size // TAIL_MERGE)
             if fits < left <= fits + self.size // TAIL_MERGE:
-                buf = self.take(slot, pending + left + self.room + 2 * ALIGN, keep=pending)
+                extent = pending + left + self.room + 2 * ALIGN
         while True:
+            if extent > len(buf):
+                buf = self.take(slot, extent, keep=pending)
             t0 = time.perf_counter()
-            n = self.source.fill_into(buf, pending)
+            n = self._fill_into(buf, pending, extent)
             self.t["fill"] += time.perf_counter() - t0
             if n >= 0:
                 break
-            buf = self.take(slot, pending - n + self.room + 2 * ALIGN, keep=pending)  # one record longer than a chunk
+            extent = max(extent, pending - n + self.room + 2 * ALIGN)  # one record longer than a chunk
         if n == 0:
             self.carry = b""
             return slot, 0, pending, True
         pending += n
-        if len(buf) - pending >= max(self.room, ALIGN):
+        if extent - pending >= max(self.room, ALIGN):
             # Room left: the source ran dry (or its next record is too big for the rest).
             # Ask once more; at the end, this buffer is the last, so its records go out with
             # the end record in one write, not two (each write is a burst that holds up a commit).
-            more = self.source.fill_into(buf, pending)
+            more = self._fill_into(buf, pending, extent)
             if more == 0:
                 self.carry = b""
                 return slot, 0, pending, True
@@ -444,6 +451,13 @@ class _Blocks:
         aligned = pending // ALIGN * ALIGN
         self.carry = bytes(buf[aligned:pending])
         return slot, aligned, pending, False
+
+    def _fill_into(self, buf: mmap.mmap, start: int, extent: int) -> int:
+        """source.fill_into(buf[:extent], start)."""
+        if extent >= len(buf):
+            return int(self.source.fill_into(buf, start))
+        with memoryview(buf) as whole, whole[:extent] as view:
+            return int(self.source.fill_into(view, start))
 
     def close(self) -> None:
         for buf in self.bufs:
