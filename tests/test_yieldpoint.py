@@ -3,6 +3,7 @@ long C loops; every other thread's loops, and open()'s replay, are unchanged."""
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from native_support import frame, require_native
 
 import walstore
 from walstore import format as fmt
-from walstore import reader
+from walstore import reader, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,9 @@ def test_yielding_is_restored_after_the_block(native: Any) -> None:
 
 
 def test_a_compaction_yields_and_open_does_not(native: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """open()'s replay runs in the caller's thread without yield points; a compaction's
+    capture (the C replay of the sealed log) runs in a helper thread at idle CPU priority,
+    with them; the caller's thread is left as it was."""
     monkeypatch.setattr(native, "AVAILABLE", True)  # the C replayer, even under WALSTORE_PURE=1
     assert walstore.backend() == "c"
     path = tmp_path / "db"
@@ -76,11 +80,53 @@ def test_a_compaction_yields_and_open_does_not(native: Any, tmp_path: Path, monk
         for i in range(100_000):
             db[b"%016d" % i] = value
         db.sync()
+    seen: dict[str, int] = {}
+    real = snapshot.at_idle_priority
+
+    def spy(work: Any) -> Any:
+        def watched() -> Any:
+            before = native.yields()
+            result = work()
+            seen["yields"] = native.yields() - before
+            seen["thread"] = threading.get_ident()
+            if hasattr(os, "sched_getscheduler"):
+                seen["policy"] = os.sched_getscheduler(0)
+            return result
+
+        return real(watched)
+
+    monkeypatch.setattr(snapshot, "at_idle_priority", spy)
     before = native.yields()
+    policy = os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else None
     with walstore.open(path, auto_compact=False) as db:  # replays 100,000 records in this thread
         assert native.yields() == before
-        info = db.compact()  # wait=True: the capture runs in this thread
+        info = db.compact()  # wait=True: the capture runs in a helper thread, waited for
         assert info is not None
-        assert native.yields() > before
-        assert native._lib.ws_set_yielding(0) == 0  # and is turned off after it
+        assert seen["yields"] > 0 and seen["thread"] != threading.get_ident()
+        if policy is not None and hasattr(os, "SCHED_IDLE"):
+            assert seen["policy"] == os.SCHED_IDLE
+            assert os.sched_getscheduler(0) == policy  # this thread's policy unchanged
+        assert native._lib.ws_set_yielding(0) == 0  # this thread's yield points stay off
         assert len(db) == 100_000
+
+
+def test_at_idle_priority_returns_and_raises_what_the_work_does() -> None:
+    """snapshot.at_idle_priority: the work's result, or its exception raised in the caller;
+    the work runs in another thread (at SCHED_IDLE where Linux has it), this one unchanged."""
+    here = threading.get_ident()
+    policy = os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else None
+
+    def work() -> tuple[int, Any]:
+        return threading.get_ident(), os.sched_getscheduler(0) if policy is not None else None
+
+    thread, its_policy = snapshot.at_idle_priority(work)
+    assert thread != here
+    if policy is not None and hasattr(os, "SCHED_IDLE"):
+        assert its_policy == os.SCHED_IDLE
+        assert os.sched_getscheduler(0) == policy
+
+    def fails() -> None:
+        raise ValueError("from the helper")
+
+    with pytest.raises(ValueError, match="from the helper"):
+        snapshot.at_idle_priority(fails)

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional, Protocol, TypeVar
 
 from . import format as fmt
 from . import reader, replay
@@ -339,6 +339,36 @@ def idle_priority() -> bool:
     except OSError:
         return False
     return True
+
+
+_T = TypeVar("_T")
+
+
+def at_idle_priority(work: Callable[[], _T]) -> _T:
+    """work() in a helper thread at idle CPU priority (`idle_priority`), yield points on;
+    returns its result or raises its exception here. For a compaction's capture (the
+    replay of the sealed log, in C without the GIL): the application's threads take a
+    core before it, and its policy ends with the helper thread (an unprivileged thread
+    cannot leave SCHED_IDLE)."""
+    out: list[_T] = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        from . import native
+
+        idle_priority()
+        try:
+            with native.yielding():
+                out.append(work())
+        except BaseException as exc:  # re-raised in the caller
+            failed.append(exc)
+
+    helper = threading.Thread(target=run, name="walstore-capture", daemon=True)
+    helper.start()
+    helper.join()
+    if failed:
+        raise failed[0]
+    return out[0]
 
 
 class PreparedBuffers:
