@@ -474,6 +474,34 @@ def test_the_free_step_follows_the_rate_the_last_big_step_ran_at(monkeypatch: An
     assert snapshot._free_step() == snapshot.FREE_STEP_MIN
 
 
+def test_covered_files_are_freed_smallest_first_and_the_first_sets_the_rate(tmp_path: Path, monkeypatch: Any) -> None:
+    """With a turn, the smallest file goes first: one of FREE_STEP_MIN or more gives the
+    rate before a bigger one is stepped (no measured rate: FREE_STEP_FIRST)."""
+    monkeypatch.setattr(snapshot, "_free_rate", 0.0)
+    monkeypatch.setattr(snapshot, "FREE_STEP_FIRST", 8 << 20)
+    big, small = tmp_path / "big.bin", tmp_path / "small.bin"
+    big.write_bytes(b"b" * (12 << 20))
+    small.write_bytes(b"s" * (5 << 20))
+    fs = walstore.fileapi.OSFileAPI()
+    seen: list[tuple[str, float]] = []
+    real_unlink, real_rename = fs.unlink, fs.rename
+
+    def unlink(p: str) -> None:
+        seen.append((os.path.basename(p), snapshot._free_rate))
+        real_unlink(p)
+
+    def rename(src: str, dst: str) -> None:
+        seen.append((os.path.basename(src), snapshot._free_rate))
+        real_rename(src, dst)
+
+    fs.unlink, fs.rename = unlink, rename  # type: ignore[method-assign]
+    removed = snapshot.remove_covered(fs, str(tmp_path), 0, 1, contextlib.nullcontext, [str(big), str(small)])
+    assert removed == ["small.bin", "big.bin"]
+    assert seen[0] == ("small.bin", 0.0)
+    assert seen[1][0].startswith("big.bin") and seen[1][1] > 0  # the big one starts with a measured rate
+    assert not big.exists() and not small.exists()
+
+
 def test_open_removes_a_covered_file_left_half_freed(tmp_path: Path) -> None:
     """A crash between the steps of freeing a covered file leaves `<name>.free.tmp`: open()
     removes it, and the state is whole."""
