@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import random
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import crashcheck as cc
@@ -113,6 +114,25 @@ def test_automatic_compaction(tmp_path: Any, monkeypatch: Any, backend: str) -> 
     _check_all(tmp_path, rec, hist, "automatic compaction", seed, cc.budget(900), kw)
 
 
+def _one_compaction(tmp_path: Any, seed: int, check: Callable[[list[Any]], None], label: str, limit: int) -> None:
+    """60 commits, a compaction (its file operations handed to `check`), 10 more commits,
+    close; then every crash state of the whole run."""
+    rec, hist = _record(tmp_path, "run")
+    kw: dict[str, Any] = {"segment_size": SEG, "auto_compact": False}
+    run = cc.Runner(rec, hist, **kw)
+    run.open()
+    commits = cc.make_commits(seed, 70, nkeys=60)
+    for c in commits[:60]:
+        run.commit(c)
+    mark = rec.mark()
+    run.compact()
+    check(rec.ops[mark:])
+    for c in commits[60:]:
+        run.commit(c)
+    run.close()
+    _check_all(tmp_path, rec, hist, label, seed, limit, kw)
+
+
 @pytest.mark.parametrize("backend", cc.BACKENDS)
 def test_compaction_in_many_blocks(tmp_path: Any, monkeypatch: Any, backend: str) -> None:
     """Snapshot chunks, blocks and write-behind syncs made tiny, so one compaction is many
@@ -124,27 +144,16 @@ def test_compaction_in_many_blocks(tmp_path: Any, monkeypatch: Any, backend: str
     monkeypatch.setattr(snapshot, "BLOCK_BYTES", 0)  # the smallest: one aligned block a write
     for name in ("SYNC_FIRST", "SYNC_MIN", "SYNC_MAX"):
         monkeypatch.setattr(snapshot, name, 3 * snapshot.ALIGN)
-    seed = cc.base_seed(7007)
-    rec, hist = _record(tmp_path, "run")
-    kw: dict[str, Any] = {"segment_size": SEG, "auto_compact": False}
-    run = cc.Runner(rec, hist, **kw)
-    run.open()
-    commits = cc.make_commits(seed, 70, nkeys=60)
-    for c in commits[:60]:
-        run.commit(c)
-    mark = rec.mark()
-    run.compact()
-    ops = rec.ops[mark:]
-    snap_ops = [op for op in ops if ".snap" in op.path]
-    calls = [op.call or op.kind for op in snap_ops]
-    # at least two block writes, a write-behind fdatasync, and the last block with the end record
-    assert calls.count("pwrite") >= 3 and calls.count("fdatasync") >= 1, crashfs.format_ops(snap_ops)
-    assert {"open", "fsync", "rename", "close"} <= set(calls), crashfs.format_ops(snap_ops)
-    assert any(op.kind == crashfs.DIRSYNC for op in ops) and any(op.kind == crashfs.UNLINK for op in ops)
-    for c in commits[60:]:
-        run.commit(c)
-    run.close()
-    _check_all(tmp_path, rec, hist, "compaction in many blocks", seed, cc.budget(900), kw)
+
+    def check(ops: list[Any]) -> None:
+        snap_ops = [op for op in ops if ".snap" in op.path]
+        calls = [op.call or op.kind for op in snap_ops]
+        # at least two block writes, a write-behind fdatasync, and the last block with the end record
+        assert calls.count("pwrite") >= 3 and calls.count("fdatasync") >= 1, crashfs.format_ops(snap_ops)
+        assert {"open", "fsync", "rename", "close"} <= set(calls), crashfs.format_ops(snap_ops)
+        assert any(op.kind == crashfs.DIRSYNC for op in ops) and any(op.kind == crashfs.UNLINK for op in ops)
+
+    _one_compaction(tmp_path, cc.base_seed(7007), check, "compaction in many blocks", cc.budget(900))
 
 
 @pytest.mark.parametrize("backend", cc.BACKENDS)
@@ -156,24 +165,12 @@ def test_compaction_freeing_covered_files_in_steps(tmp_path: Any, monkeypatch: A
     cc.select_backend(backend, monkeypatch)
     monkeypatch.setattr(snapshot, "FREE_STEP_FIRST", 1024)
     monkeypatch.setattr(snapshot, "_free_rate", 0.0)
-    seed = cc.base_seed(7117)
-    rec, hist = _record(tmp_path, "run")
-    kw: dict[str, Any] = {"segment_size": SEG, "auto_compact": False}
-    run = cc.Runner(rec, hist, **kw)
-    run.open()
-    commits = cc.make_commits(seed, 70, nkeys=60)
-    for c in commits[:60]:
-        run.commit(c)
-    mark = rec.mark()
-    run.compact()
-    ops = rec.ops[mark:]
-    freed = [op for op in ops if op.path.endswith(snapshot.FREE_SUFFIX)]
-    calls = [op.call or op.kind for op in freed]
-    assert calls.count("ftruncate") >= 2 and calls.count("unlink") >= 2, crashfs.format_ops(ops)
-    for c in commits[60:]:
-        run.commit(c)
-    run.close()
-    _check_all(tmp_path, rec, hist, "compaction freeing in steps", seed, cc.budget(600), kw)
+
+    def check(ops: list[Any]) -> None:
+        calls = [op.call or op.kind for op in ops if op.path.endswith(snapshot.FREE_SUFFIX)]
+        assert calls.count("ftruncate") >= 2 and calls.count("unlink") >= 2, crashfs.format_ops(ops)
+
+    _one_compaction(tmp_path, cc.base_seed(7117), check, "compaction freeing in steps", cc.budget(600))
 
 
 @pytest.mark.parametrize("backend", cc.BACKENDS)
