@@ -428,6 +428,26 @@ def test_a_burst_on_a_slower_disk_than_last_time_goes_in_parts(tmp_path: Path) -
     assert after - parts == 1
 
 
+def test_a_logs_first_burst_goes_in_a_small_first_part_then_at_the_rate_measured(tmp_path: Path) -> None:
+    """Before any rate is known, the first part of a burst is at most 4 MiB (BURST_FIRST_PART),
+    so a slow disk cannot hold a commit for a whole burst sized for nothing; the rest goes at
+    the rate that part ran. With a rate known, the same burst goes whole."""
+    lib = nativelog._lib
+    data = os.urandom(8 << 20)
+    with store_with_burst(tmp_path) as (_db, log, burst, fd):
+        assert int(lib.ws_log_burst_rate(log)) == 0  # a new log: no burst yet
+        before, _ = lib_stats(lib, log)
+        burst(fd, memoryview(data), 0)
+        first, _ = lib_stats(lib, log)
+        assert int(lib.ws_log_burst_rate(log)) > 0  # measured on the 4 MiB part
+        lib.ws_log_set_burst_rate(log, 100 * len(data))  # as if the whole burst took 10 ms
+        burst(fd, memoryview(data), len(data))
+        second, _ = lib_stats(lib, log)
+    assert (tmp_path / "out.bin").read_bytes() == data + data
+    assert first - before >= 2  # 4 MiB first, then the rest
+    assert second - first == 1
+
+
 def test_a_held_turn_holds_the_commit_syncs_and_releases_them_on_error(tmp_path: Path) -> None:
     """`with writer.held_turn():` no commit's sync ends inside the block (a committer keeps
     trying), the commits go on after it, also when the block raises; holds nest."""
