@@ -233,6 +233,65 @@ def test_corrupt_newest_snapshot_falls_back_to_older_one_and_reports(tmp_path: P
     assert any(n.endswith(os.path.basename(newest.path)) for n in kept)
 
 
+def test_a_snapshot_damaged_after_open_is_quarantined_by_the_next_compaction(tmp_path: Path, backend: str) -> None:
+    """A snapshot that goes bad while the store is open (checked good by open()) fails its
+    checks at the next compaction, which rebuilds the state from the older snapshot and the
+    log after it, and moves the damaged one to quarantine/ with a report, instead of keeping
+    it until a later compaction removes it as covered, unreported."""
+    import json
+
+    path = tmp_path / "db"
+    with walstore.open(path, segment_size=4096, auto_compact=False, keep_snapshots=2) as db:
+        for i in range(200):
+            db[f"k{i}"] = i
+        first = db.compact()
+        for i in range(200, 300):
+            db[f"k{i}"] = i
+        second = db.compact()
+        assert first is not None and second is not None
+        flip_bit(Path(second.path), 300)
+        for i in range(300, 350):
+            db[f"k{i}"] = i
+        third = db.compact()
+        assert third is not None and third.seq == db.last_seq
+        assert [os.path.basename(q) for q in third.quarantined] == [
+            n for n in names(path / fmt.QUARANTINE_DIR, "*.snap") if n.endswith(os.path.basename(second.path))
+        ]
+        assert names(path, "snap-*.snap") == [os.path.basename(first.path), os.path.basename(third.path)]
+        model = db.to_dict()
+        for i in range(350, 360):
+            db[f"k{i}"] = i
+            model[f"k{i}"] = i
+        assert db.compact() is not None  # and compactions go on
+    (report,) = [json.loads(p.read_text()) for p in (path / fmt.QUARANTINE_DIR).glob("*.json")]
+    assert report["action"] == "compaction" and report["file"] == os.path.basename(second.path)
+    assert "failed its checks" in report["reason"]
+    with walstore.open(path, segment_size=4096, keep_snapshots=2) as db:
+        assert db.to_dict() == model
+        assert db.recovery.rejected_snapshots == []
+
+
+def test_compaction_with_the_only_snapshot_damaged_names_it_and_removes_nothing(tmp_path: Path, backend: str) -> None:
+    """With the log the damaged snapshot covered gone, a compaction cannot rebuild the state:
+    it fails naming the snapshot, writes and removes nothing, and the store keeps working."""
+    path = tmp_path / "db"
+    with walstore.open(path, segment_size=4096, auto_compact=False) as db:
+        for i in range(200):
+            db[f"k{i}"] = i
+        info = db.compact()
+        assert info is not None
+        flip_bit(Path(info.path), 300)
+        db["after"] = 1
+        segments = names(path, "seg-*.wal")
+        with pytest.raises(walstore.SnapshotError) as err:
+            db.compact()
+        assert os.path.basename(info.path) in str(err.value) and "nothing removed" in str(err.value)
+        assert names(path, "snap-*.snap") == [os.path.basename(info.path)]
+        assert set(segments) <= set(names(path, "seg-*.wal"))  # the seal started a segment; none went
+        db["still"] = 2
+        assert db["still"] == 2
+
+
 def test_failed_snapshot_write_changes_nothing_and_does_not_poison(tmp_path: Path) -> None:
     fs = FailingFileAPI()
     path = tmp_path / "db"

@@ -269,15 +269,16 @@ def _json_bytes(obj: dict[str, object]) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
-def quarantine_file(fs: OSFileAPI, directory: str, path: str, why: str) -> str:
-    """Move a whole file into quarantine/ (never delete it), with a JSON report next to it."""
+def quarantine_file(fs: OSFileAPI, directory: str, path: str, why: str, action: str = "open") -> str:
+    """Move a whole file into quarantine/ (never delete it), with a JSON report next to it;
+    `action` names what found it ("open", "compaction")."""
     qdir = os.path.join(directory, fmt.QUARANTINE_DIR)
     if not os.path.isdir(qdir):
         fs.mkdir(qdir)
         fs.fsync_dir(directory)
     dest = os.path.join(qdir, f"{_utc_stamp()}-{os.path.basename(path)}")
     report = {
-        "action": "open",
+        "action": action,
         "kind": "file",
         "file": os.path.basename(path),
         "reason": why,

@@ -108,6 +108,9 @@ class SnapshotInfo:
     "dir_fsync", and "total" (from the call, the temp file's creation included, to the
     directory fsync); "direct" is 1.0 when the writes used O_DIRECT, else 0.0; "writes" counts
     the pwrite calls of the records (not seconds)."""
+    quarantined: list[str] = field(default_factory=list)
+    """Newer snapshots the compaction found damaged (failing their checks) and moved to
+    quarantine/, with a report, instead of leaving them to be removed as covered later."""
 
 
 class FrameSource(Protocol):

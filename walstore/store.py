@@ -24,7 +24,7 @@ from . import native, nativelog, replay, snapshot
 from .codec import Codec, get_codec
 from .core import Identity, LogCore
 from .durable import DurableStore
-from .errors import KeyTypeError, SnapshotError, TransactionClosedError
+from .errors import CorruptionError, KeyTypeError, SnapshotError, TransactionClosedError
 from .fileapi import DEFAULT, OSFileAPI
 from .kvreplay import make_kv_replayer
 from .writer import BurstWriter, WriterOptions
@@ -255,15 +255,27 @@ class Store(DurableStore, MutableMapping[Key, Any]):
         replayer = make_kv_replayer()
         buffers: list[Any] = []
 
+        rejected: list[tuple[str, CorruptionError]] = []
+
         def capture() -> None:
             """The state at `seq` into `replayer`: the newest valid snapshot, then the sealed log."""
             base = 0
-            found, _rejected = snapshot.newest_valid_snapshot(self.path, core.identity.store_id)
+            found, bad = snapshot.newest_valid_snapshot(self.path, core.identity.store_id)
+            rejected.extend(bad)
             if found is not None:
                 base, _p, data, scan = found
                 buffers.append(data)
                 replayer.apply_range(data, fmt.FILE_HEADER_SIZE, scan.end)
-            state = replay.inspect_log(self.path, core.identity.store_id, base, replayer, buffers, until_seq=seq)
+            try:
+                state = replay.inspect_log(self.path, core.identity.store_id, base, replayer, buffers, until_seq=seq)
+            except CorruptionError as exc:
+                if not rejected:
+                    raise
+                path, why = rejected[0]
+                raise SnapshotError(
+                    f"{path} failed its checks ({why}), and the log it covered is gone: no snapshot"
+                    f" written, nothing removed (then: {exc})"
+                ) from exc
             if state.last_seq != seq or state.torn is not None:
                 raise SnapshotError(f"sealed log ends at {state.last_seq}, expected {seq}; no snapshot written")
 
@@ -290,6 +302,12 @@ class Store(DurableStore, MutableMapping[Key, Any]):
                 close = getattr(buf, "close", None)
                 if close is not None:
                     close()
+        for path, why in rejected:
+            # Damaged since open() checked it; the state was rebuilt without it. Kept aside,
+            # not left to be removed as covered by a later compaction.
+            if os.path.exists(path):
+                reason = f"snapshot failed its checks at compaction ({why}); replaced by {info.path}"
+                info.quarantined.append(replay.quarantine_file(core.fs, self.path, path, reason, "compaction"))
         doomed = snapshot.covered_files(self.path, seq, self._keep_snapshots)
         # The sealed segment first, if it goes: it is closed before its unlink, so its blocks
         # are freed (and trimmed, with `discard`) in that unlink's held turn, not at a close after.
