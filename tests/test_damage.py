@@ -248,3 +248,94 @@ def test_group_commit_error_reaches_every_covered_committer(tmp_path: Path) -> N
     assert acked == [] and len(errors) == 6
     assert all(isinstance(e, walstore.StorePoisonedError) for e in errors)
     db._core.abandon()
+
+
+def _damage_middle_crc(path: Path) -> None:
+    seg = segments(path)[1]
+    off = record_offsets(seg)[3][0]
+    flip_bit(seg, off + 40)
+
+
+def _damage_last_tail(path: Path) -> None:
+    seg = segments(path)[-1]
+    off = record_offsets(seg)[-1][0]
+    os.truncate(seg, off + 40)
+
+
+def _damage_middle_missing(path: Path) -> None:
+    os.unlink(segments(path)[2])
+
+
+def _damage_later_header(path: Path) -> None:
+    flip_bit(segments(path)[3], 20)
+
+
+def _damage_cut_sealed(path: Path) -> None:
+    seg = segments(path)[1]
+    os.truncate(seg, seg.stat().st_size - 8)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [None, _damage_middle_crc, _damage_last_tail, _damage_middle_missing, _damage_later_header, _damage_cut_sealed],
+)
+def test_scanning_ahead_judges_and_replays_exactly_as_one_at_a_time(tmp_path: Path, damage: object) -> None:
+    """inspect_log(scan_ahead=True), as open() calls it: the next segment mapped and scanned
+    in a helper thread while this one is applied. Same state, same verdict, same exception
+    (type and message) as scanning one segment at a time, on a clean log and on each damage."""
+    from native_support import outcome, require_native
+
+    from walstore import replay
+
+    native = require_native()
+    path = tmp_path / "db"
+    build(path, 300, close=damage is not _damage_last_tail, segment_size=2048, preallocate=False)
+    assert len(segments(path)) >= 5
+    if callable(damage):
+        damage(path)
+    store_id = walstore.core.read_identity(str(path)).store_id
+
+    def run(ahead: bool) -> tuple[object, ...]:
+        replayer = native.KVReplayer()
+        keep: list[object] = []
+
+        def inspect() -> object:
+            state = replay.inspect_log(str(path), store_id, 0, replayer, keep, scan_ahead=ahead)
+            return (repr(state), replayer.finish(bytes))
+
+        return outcome(inspect)
+
+    one_at_a_time = run(False)
+    ahead = run(True)
+    assert ahead == one_at_a_time
+    if damage is None or damage is _damage_last_tail:
+        assert ahead[0] == "ok"
+    else:
+        assert ahead[0] == "raised"
+
+
+def test_open_scans_the_next_segment_in_a_helper_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """open() maps and scans every segment after the first in the helper thread (with the C
+    scanner), while the one before is applied; the state is the same."""
+    import threading
+
+    from native_support import require_native
+
+    from walstore import replay
+
+    require_native()
+    path = tmp_path / "db"
+    model = build(path, 300, segment_size=2048)
+    where: list[str] = []
+    real = replay._load_segment
+
+    def spy(seg: str, store_id: bytes) -> object:
+        where.append(threading.current_thread().name)
+        return real(seg, store_id)
+
+    monkeypatch.setattr(replay, "_load_segment", spy)
+    with walstore.open(path, segment_size=2048) as db:
+        assert db.to_dict() == model
+    assert len(where) == len(segments(path)) >= 5
+    assert where[0] == threading.current_thread().name
+    assert all(name.startswith("walstore-scan") for name in where[1:])

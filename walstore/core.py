@@ -216,7 +216,7 @@ class LogCore:
             self.snapshot_seq, rejected = self._load_snapshot()
             try:
                 state = replay.inspect_log(
-                    self.path, self.identity.store_id, self.snapshot_seq, self.replayer, self._buffers
+                    self.path, self.identity.store_id, self.snapshot_seq, self.replayer, self._buffers, scan_ahead=True
                 )
             except CorruptionError as exc:
                 if rejected:
