@@ -212,17 +212,23 @@ def test_snapshot_holding_a_delete_is_corruption_not_applied(tmp_path: Path, bac
     assert {p.name: p.read_bytes() for p in path.iterdir() if p.is_file() and p.name != "LOCK"} == before
 
 
+def two_snapshots(db: walstore.Store) -> tuple[snapshot.SnapshotInfo, snapshot.SnapshotInfo]:
+    """k0..k199, a compaction, k200..k299, a compaction: both snapshots' infos."""
+    for i in range(200):
+        db[f"k{i}"] = i
+    first = db.compact()
+    for i in range(200, 300):
+        db[f"k{i}"] = i
+    second = db.compact()
+    assert first is not None and second is not None
+    return first, second
+
+
 def test_corrupt_newest_snapshot_falls_back_to_older_one_and_reports(tmp_path: Path, backend: str) -> None:
     path = tmp_path / "db"
     with walstore.open(path, segment_size=4096, auto_compact=False, keep_snapshots=2) as db:
-        for i in range(200):
-            db[f"k{i}"] = i
-        first = db.compact()
-        for i in range(200, 300):
-            db[f"k{i}"] = i
-        newest = db.compact()
+        first, newest = two_snapshots(db)
         model = db.to_dict()
-    assert first is not None and newest is not None
     assert names(path, "snap-*.snap") == [os.path.basename(first.path), os.path.basename(newest.path)]
     flip_bit(Path(newest.path), 300)
     with walstore.open(path, segment_size=4096, keep_snapshots=2) as db:
@@ -242,13 +248,7 @@ def test_a_snapshot_damaged_after_open_is_quarantined_by_the_next_compaction(tmp
 
     path = tmp_path / "db"
     with walstore.open(path, segment_size=4096, auto_compact=False, keep_snapshots=2) as db:
-        for i in range(200):
-            db[f"k{i}"] = i
-        first = db.compact()
-        for i in range(200, 300):
-            db[f"k{i}"] = i
-        second = db.compact()
-        assert first is not None and second is not None
+        first, second = two_snapshots(db)
         flip_bit(Path(second.path), 300)
         for i in range(300, 350):
             db[f"k{i}"] = i
