@@ -315,15 +315,13 @@ def test_scanning_ahead_judges_and_replays_exactly_as_one_at_a_time(tmp_path: Pa
 
 
 def test_open_scans_the_next_segment_in_a_helper_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """open() maps and scans every segment after the first in the helper thread (with the C
-    scanner), while the one before is applied; the state is the same."""
+    """With the C scanner, open() maps and scans every segment after the first in the helper
+    thread, while the one before is applied; the pure-Python scanner (which holds the GIL)
+    scans them all in the caller's thread. The state is the same."""
     import threading
 
-    from native_support import require_native
+    from walstore import native, replay
 
-    from walstore import replay
-
-    require_native()
     path = tmp_path / "db"
     model = build(path, 300, segment_size=2048)
     where: list[str] = []
@@ -338,4 +336,7 @@ def test_open_scans_the_next_segment_in_a_helper_thread(tmp_path: Path, monkeypa
         assert db.to_dict() == model
     assert len(where) == len(segments(path)) >= 5
     assert where[0] == threading.current_thread().name
-    assert all(name.startswith("walstore-scan") for name in where[1:])
+    if native.AVAILABLE:
+        assert all(name.startswith("walstore-scan") for name in where[1:])
+    else:
+        assert set(where) == {threading.current_thread().name}
