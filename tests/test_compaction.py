@@ -172,13 +172,19 @@ def du(path: Path) -> int:
     return total
 
 
+def compacted(db: walstore.Store, keys: range) -> snapshot.SnapshotInfo:
+    """k{i} = i for each i in `keys`, then a compaction: its snapshot's info."""
+    for i in keys:
+        db[f"k{i}"] = i
+    info = db.compact()
+    assert info is not None
+    return info
+
+
 def test_corrupt_newest_snapshot_with_log_gone_is_a_clear_error(tmp_path: Path, backend: str) -> None:
     path = tmp_path / "db"
     with walstore.open(path, segment_size=4096, auto_compact=False) as db:
-        for i in range(300):
-            db[f"k{i}"] = i
-        info = db.compact()
-    assert info is not None
+        info = compacted(db, range(300))
     flip_bit(Path(info.path), 200)
     before = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file() and p.name != "LOCK"}
     with pytest.raises(walstore.CorruptionError) as err:
@@ -214,14 +220,7 @@ def test_snapshot_holding_a_delete_is_corruption_not_applied(tmp_path: Path, bac
 
 def two_snapshots(db: walstore.Store) -> tuple[snapshot.SnapshotInfo, snapshot.SnapshotInfo]:
     """k0..k199, a compaction, k200..k299, a compaction: both snapshots' infos."""
-    for i in range(200):
-        db[f"k{i}"] = i
-    first = db.compact()
-    for i in range(200, 300):
-        db[f"k{i}"] = i
-    second = db.compact()
-    assert first is not None and second is not None
-    return first, second
+    return compacted(db, range(200)), compacted(db, range(200, 300))
 
 
 def test_corrupt_newest_snapshot_falls_back_to_older_one_and_reports(tmp_path: Path, backend: str) -> None:
@@ -276,10 +275,7 @@ def test_compaction_with_the_only_snapshot_damaged_names_it_and_removes_nothing(
     it fails naming the snapshot, writes and removes nothing, and the store keeps working."""
     path = tmp_path / "db"
     with walstore.open(path, segment_size=4096, auto_compact=False) as db:
-        for i in range(200):
-            db[f"k{i}"] = i
-        info = db.compact()
-        assert info is not None
+        info = compacted(db, range(200))
         flip_bit(Path(info.path), 300)
         db["after"] = 1
         segments = names(path, "seg-*.wal")
