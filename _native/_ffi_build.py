@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 from cffi import FFI
 
@@ -28,6 +29,9 @@ HEADERS = [
     "le.h",
 ]
 EXTRA_COMPILE_ARGS = ["-O2", "-Wall", "-Wextra", "-std=gnu11"]
+# Threads (the writer's syncs, the finish's prefault helper) and dlsym (kvdict.c); in libc
+# itself from glibc 2.34 on, named for older ones.
+LIBRARIES = ["pthread", "dl"] if sys.platform.startswith("linux") else []
 
 _DEFINE = re.compile(r"^#define\s+(WS_\w+)\s+(0x[0-9A-Fa-f]+|\d+)u?\s*(?:/\*.*)?$")
 
@@ -93,7 +97,9 @@ typedef struct {
     uint8_t flags;
 } ws_kv_item;
 size_t ws_kv_items(const ws_kv *kv, uint64_t *cursor, ws_kv_item *out, size_t cap);
-int ws_kv_build_dict(const ws_kv *kv, uintptr_t dict, uintptr_t codec_keys, uint64_t *cursor, uint64_t limit);
+int ws_kv_build_dict(const ws_kv *kv, uintptr_t dict, uintptr_t codec_keys, uint64_t *cursor, uint64_t limit,
+                     int prefault);
+void ws_kv_dict_arena_stats(uint64_t *regions, uint64_t *arenas, uint64_t *populated);
 int64_t ws_kv_snapshot_chunk(const ws_kv *kv, uint64_t *cursor, uint64_t chunk_bytes, uint8_t *out,
                              size_t out_size, uint64_t *need);
 
@@ -173,6 +179,7 @@ def make_ffi(absolute: bool = False) -> FFI:
         include_dirs=[_path(".")],
         depends=[_path(h) for h in HEADERS],
         extra_compile_args=EXTRA_COMPILE_ARGS,
+        libraries=LIBRARIES,
         optional=True,
     )
     return builder

@@ -22,22 +22,39 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__)
+#include <dlfcn.h>
+#include <pthread.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23 /* Linux 5.14; older headers lack it, older kernels say EINVAL */
+#endif
+#endif
 
 #include "kvdict.h"
 #include "walstore_format.h"
 
 #ifdef PYPY_VERSION
 
-int ws_kv_build_dict(const ws_kv *kv, uintptr_t dict, uintptr_t codec_keys, uint64_t *cursor, uint64_t limit)
+int ws_kv_build_dict(const ws_kv *kv, uintptr_t dict, uintptr_t codec_keys, uint64_t *cursor, uint64_t limit,
+                     int prefault)
 {
+    (void)prefault;
     (void)kv;
     (void)dict;
     (void)codec_keys;
     (void)cursor;
     (void)limit;
     return WS_KV_DICT_UNSUPPORTED;
+}
+
+void ws_kv_dict_arena_stats(uint64_t *regions, uint64_t *arenas, uint64_t *populated)
+{
+    *regions = *arenas = *populated = 0;
 }
 
 #else
@@ -60,6 +77,236 @@ static void stage_batch(const ws_kv_item *items, size_t n, const uint8_t **src, 
             src[j] = items[j].key;
         }
     }
+}
+
+/* ---- the new objects in pages populated ahead ------------------------------------------
+ *
+ * CPython's small-object allocator (pymalloc) takes memory from the OS in arenas (1 MiB from
+ * 3.10 on), each its own mmap of 4 KiB pages, each first touched by a page fault on the thread
+ * making an object. A million keys make about 200 MB of new objects: some 50,000 faults, each
+ * zeroing its page, on the one thread that holds the GIL. So while a call below holds the GIL,
+ * new arenas come from one region it maps (through the arena-allocator hook of PEP 445,
+ * PyObject_SetArenaAllocator, restored before the call lets go of the GIL), and a helper
+ * thread populates that region (MADV_POPULATE_WRITE, Linux 5.14 and later) a window ahead of
+ * the arenas handed out, up to what the call's objects are estimated to need: the page zeroing
+ * runs on another core, and the objects land in pages already there.
+ *
+ * What this may and may not touch:
+ * - Only the region's pages at or past the next arena to hand out are populated, and
+ *   populating does not change their contents (they are zero).
+ * - An arena from the region is an ordinary page-aligned mapping: pymalloc frees it later,
+ *   through the restored default allocator, with munmap, as any arena. An arena freed while the
+ *   hook is set stops the helper first (so it never populates an address that was unmapped and
+ *   perhaps mapped again by someone else), then is unmapped.
+ * - The region is used only when the default allocator is CPython's own mmap one (checked once:
+ *   its functions in the same image as PyObject_Malloc, and an arena from it page-aligned), on
+ *   Linux, with the GIL; without the helper (no thread, or a kernel without
+ *   MADV_POPULATE_WRITE) the region's pages fault as pymalloc's own would.
+ * - Handing out an arena is an atomic bump: with one GIL per interpreter (3.12 and later) an
+ *   arena may be asked for from another thread while the hook is set. */
+#if defined(__linux__) && !defined(Py_GIL_DISABLED)
+#define REGION_ARENAS 1
+#define REGION_MAX ((size_t)1 << 30)  /* address space reserved per call; only populated pages cost */
+#define POPULATE_STEP ((size_t)1 << 20) /* bytes per madvise call */
+#define POPULATE_WINDOW ((size_t)16 << 20) /* how far ahead of the next arena the helper goes */
+#define ESTIMATE_SLACK 1.0625          /* the estimate's margin (pools, size classes) */
+
+typedef struct { /* PyObjectArenaAllocator: the same layout from 3.4 to 3.14 */
+    void *ctx;
+    void *(*alloc)(void *ctx, size_t size);
+    void (*free)(void *ctx, void *ptr, size_t size);
+} arena_allocator;
+
+static struct {
+    int state; /* 0: not checked yet; 1: usable; -1: not */
+    void (*get)(arena_allocator *);
+    void (*set)(arena_allocator *);
+    arena_allocator saved;
+    uint8_t *base, *end;
+    uint8_t *next;   /* next arena to hand out (atomic: the helper reads it) */
+    uint8_t *want;   /* populate up to here (atomic: set by the call, read by the helper) */
+    int stop;        /* atomic: the helper ends */
+    int helper_on;
+    pthread_t helper;
+    uint64_t regions, arenas, populated; /* counters, for the tests */
+} region;
+
+/* The helper: populate [next, min(next + window, want)) as the arenas advance. */
+static void *populate_ahead(void *unused)
+{
+    uint8_t *done = region.base;
+    (void)unused;
+    while (!__atomic_load_n(&region.stop, __ATOMIC_ACQUIRE)) {
+        uint8_t *next = __atomic_load_n(&region.next, __ATOMIC_ACQUIRE);
+        uint8_t *want = __atomic_load_n(&region.want, __ATOMIC_ACQUIRE);
+        uint8_t *target = (size_t)(want - next) > POPULATE_WINDOW ? next + POPULATE_WINDOW : want;
+        if (done < next)
+            done = next;
+        if (done >= target) {
+            usleep(50);
+            continue;
+        }
+        size_t step = (size_t)(target - done) < POPULATE_STEP ? (size_t)(target - done) : POPULATE_STEP;
+        if (madvise(done, step, MADV_POPULATE_WRITE) != 0) {
+            if (errno == EINTR || errno == EAGAIN)
+                continue;
+            break; /* EINVAL: a kernel without it; anything else: stop populating */
+        }
+        __atomic_add_fetch(&region.populated, step, __ATOMIC_RELAXED);
+        done += step;
+    }
+    return NULL;
+}
+
+static void stop_helper(void)
+{
+    if (region.helper_on) {
+        __atomic_store_n(&region.stop, 1, __ATOMIC_RELEASE);
+        pthread_join(region.helper, NULL);
+        region.helper_on = 0;
+    }
+}
+
+static void *region_alloc(void *ctx, size_t size)
+{
+    uint8_t *p = __atomic_load_n(&region.next, __ATOMIC_ACQUIRE);
+    (void)ctx;
+    while ((size_t)(region.end - p) >= size) {
+        if (__atomic_compare_exchange_n(&region.next, &p, p + size, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            __atomic_add_fetch(&region.arenas, 1, __ATOMIC_RELAXED);
+            return p;
+        }
+    }
+    return region.saved.alloc(region.saved.ctx, size);
+}
+
+static void region_free(void *ctx, void *p, size_t size)
+{
+    (void)ctx;
+    if ((uint8_t *)p >= region.base && (uint8_t *)p < region.end) {
+        stop_helper();
+        munmap(p, size);
+    } else {
+        region.saved.free(region.saved.ctx, p, size);
+    }
+}
+
+static int same_image(void *a, void *b)
+{
+    Dl_info x, y;
+    return dladdr(a, &x) && dladdr(b, &y) && x.dli_fbase == y.dli_fbase;
+}
+
+/* (GIL held) 1 when the region may be used, deciding once. */
+static int region_usable(void)
+{
+    if (region.state == 0) {
+        region.state = -1;
+        region.get = (void (*)(arena_allocator *))dlsym(RTLD_DEFAULT, "PyObject_GetArenaAllocator");
+        region.set = (void (*)(arena_allocator *))dlsym(RTLD_DEFAULT, "PyObject_SetArenaAllocator");
+        if (region.get && region.set) {
+            arena_allocator now;
+            region.get(&now);
+            if (now.alloc && now.free && same_image((void *)now.alloc, (void *)PyObject_Malloc) &&
+                same_image((void *)now.free, (void *)PyObject_Malloc)) {
+                void *probe = now.alloc(now.ctx, POPULATE_STEP);
+                if (probe && ((uintptr_t)probe & 4095) == 0)
+                    region.state = 1;
+                if (probe)
+                    now.free(now.ctx, probe, POPULATE_STEP);
+            }
+        }
+    }
+    return region.state == 1;
+}
+
+/* (GIL held) New arenas from a fresh region until region_end(). */
+static void region_begin(void)
+{
+    void *r;
+    arena_allocator mine = {NULL, region_alloc, region_free};
+    if (!region_usable())
+        return;
+    r = mmap(NULL, REGION_MAX, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (r == MAP_FAILED)
+        return;
+    region.base = region.next = region.want = r;
+    region.end = region.base + REGION_MAX;
+    region.stop = 0;
+    region.regions++;
+    region.get(&region.saved);
+    region.set(&mine);
+}
+
+/* (GIL held) Populate ahead for about `bytes` more of new objects (from now on). */
+static void region_expect(size_t bytes)
+{
+    uint8_t *next = __atomic_load_n(&region.next, __ATOMIC_ACQUIRE);
+    if (region.base == NULL || region.helper_on || region.stop)
+        return;
+    bytes = (size_t)((double)bytes * ESTIMATE_SLACK) + POPULATE_STEP;
+    __atomic_store_n(&region.want, (size_t)(region.end - next) > bytes ? next + bytes : region.end, __ATOMIC_RELEASE);
+    region.helper_on = pthread_create(&region.helper, NULL, populate_ahead, NULL) == 0;
+}
+
+/* (GIL held) The default allocator back; the region's unused end unmapped. */
+static void region_end(void)
+{
+    if (region.base == NULL)
+        return;
+    stop_helper();
+    region.set(&region.saved);
+    if (region.next < region.end)
+        munmap(region.next, (size_t)(region.end - region.next));
+    region.base = region.next = region.want = region.end = NULL;
+}
+
+/* What `n` bytes become as a small object (pymalloc: 16-byte size classes up to 512), or 0. */
+static size_t small_object(size_t n)
+{
+    return n <= 512 ? (n + 15) & ~(size_t)15 : 0;
+}
+
+/* About how many bytes of small objects the batch's keys and values make. */
+static size_t batch_bytes(const ws_kv_item *items, size_t n)
+{
+    size_t total = 0;
+    for (size_t j = 0; j < n; j++) {
+        unsigned kind = ((unsigned)items[j].flags >> WS_VALUE_KIND_SHIFT) & 3;
+        /* bytes: 32-byte header and a NUL; str: about 48 bytes of header for ASCII */
+        total += small_object((size_t)items[j].klen + ((items[j].flags & WS_KEY_STR) ? 49 : 33));
+        total += small_object((size_t)items[j].vlen + (kind == WS_VALUE_STR ? 49 : 33));
+    }
+    return total;
+}
+#else
+static void region_begin(void)
+{
+}
+static void region_expect(size_t bytes)
+{
+    (void)bytes;
+}
+static void region_end(void)
+{
+}
+static size_t batch_bytes(const ws_kv_item *items, size_t n)
+{
+    (void)items;
+    (void)n;
+    return 0;
+}
+#endif
+
+void ws_kv_dict_arena_stats(uint64_t *regions, uint64_t *arenas, uint64_t *populated)
+{
+#ifdef REGION_ARENAS
+    *regions = region.regions;
+    *arenas = __atomic_load_n(&region.arenas, __ATOMIC_RELAXED);
+    *populated = __atomic_load_n(&region.populated, __ATOMIC_RELAXED);
+#else
+    *regions = *arenas = *populated = 0;
+#endif
 }
 
 /* A new reference: str (strict UTF-8) when `text`, else bytes; NULL with an exception set. */
@@ -93,7 +340,7 @@ static int insert(PyObject *dict, PyObject *codec_keys, const ws_kv_item *it, co
 }
 
 int ws_kv_build_dict(const ws_kv *kv, uintptr_t dict_addr, uintptr_t codec_keys_addr, uint64_t *cursor,
-                     uint64_t limit)
+                     uint64_t limit, int prefault)
 {
     PyObject *dict = (PyObject *)dict_addr, *codec_keys = (PyObject *)codec_keys_addr;
     ws_kv_item items[BATCH];
@@ -106,6 +353,8 @@ int ws_kv_build_dict(const ws_kv *kv, uintptr_t dict_addr, uintptr_t codec_keys_
         rc = WS_KV_DICT_UNSUPPORTED;
         goto out;
     }
+    if (prefault)
+        region_begin();
     while (rc == WS_KV_DICT_DONE) {
         size_t want = limit - done < BATCH ? (size_t)(limit - done) : BATCH, n;
         uint64_t at = *cursor;
@@ -119,6 +368,8 @@ int ws_kv_build_dict(const ws_kv *kv, uintptr_t dict_addr, uintptr_t codec_keys_
         n = ws_kv_items(kv, cursor, items, want);
         if (n == 0)
             break;
+        if (done == 0 && prefault) /* the first batch's objects, times the batches to come */
+            region_expect(batch_bytes(items, n) / n * (size_t)(limit - done));
         stage_batch(items, n, src, stage);
         for (size_t j = 0; j < n; j++) {
             if (insert(dict, codec_keys, &items[j], src[j]) < 0) {
@@ -130,6 +381,7 @@ int ws_kv_build_dict(const ws_kv *kv, uintptr_t dict_addr, uintptr_t codec_keys_
         }
         done += n;
     }
+    region_end();
 out:
     PyGILState_Release(gil);
     free(stage);

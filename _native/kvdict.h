@@ -24,7 +24,17 @@
  * and the key is appended to `codec_keys`, for the caller to decode. Each
  * reference made is released or owned by the dict or list. On FAILED the
  * keys before *cursor are in the dict, the one at *cursor maybe (the caller
- * redoes it), and the exception has been cleared. */
-int ws_kv_build_dict(const ws_kv *kv, uintptr_t dict, uintptr_t codec_keys, uint64_t *cursor, uint64_t limit);
+ * redoes it), and the exception has been cleared.
+ *
+ * With `prefault` set (Linux, CPython's own arena allocator), the new objects'
+ * memory is populated ahead by a helper thread while the call runs (kvdict.c,
+ * "the new objects in pages populated ahead"): `limit` should then be the
+ * number of keys left, or less, since it sizes what is populated. */
+int ws_kv_build_dict(const ws_kv *kv, uintptr_t dict, uintptr_t codec_keys, uint64_t *cursor, uint64_t limit,
+                     int prefault);
+
+/* Counters since the process started: calls that took their arenas from a
+ * populated region, arenas handed out from regions, bytes populated ahead. */
+void ws_kv_dict_arena_stats(uint64_t *regions, uint64_t *arenas, uint64_t *populated);
 
 #endif /* WALSTORE_KVDICT_H */

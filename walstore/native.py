@@ -47,6 +47,7 @@ _RUN = 5  # WS_KV_RUN_FIELDS: blob offset, count, key length, value length, op f
 _ITER_UNPACK_MIN = 4  # runs at least this long are split by struct.iter_unpack
 _DICT_IN_C = sys.implementation.name == "cpython"  # ws_kv_build_dict takes id() as an address
 _DICT_CHUNK = 1 << 16  # keys per ws_kv_build_dict call: the GIL is free between calls
+PREFAULT_OBJECTS = True  # finish populates its new objects' pages ahead where it can (docs/NATIVE.md)
 _ITEMS = 256  # keys per ws_kv_items call in the Python loop
 
 
@@ -273,8 +274,10 @@ class KVReplayer:
         codec_keys: list[Any] = []
         cursor = _ffi.new("uint64_t *")
         build = _lib.ws_kv_build_dict
+        live = int(_lib.ws_kv_len(self._kv))
         while True:
-            rc = build(self._kv, id(out), id(codec_keys), cursor, _DICT_CHUNK)
+            limit = min(_DICT_CHUNK, max(1, live - len(out)))  # every key is new to `out`
+            rc = build(self._kv, id(out), id(codec_keys), cursor, limit, PREFAULT_OBJECTS)
             if rc != _lib.WS_KV_DICT_MORE:
                 break
         if rc == _lib.WS_KV_DICT_UNSUPPORTED:  # pragma: no cover - checked by _DICT_IN_C
