@@ -267,6 +267,11 @@ def test_finish_in_another_thread(native: Any) -> None:
     assert got == [expected] * 4
 
 
+# The region serves pymalloc's arenas: with PYTHONMALLOC=malloc (or malloc_debug) no arena is
+# asked for, and freed objects' memory stays in malloc's heap.
+ARENAS = not os.environ.get("PYTHONMALLOC", "").startswith("malloc")
+
+
 def _arena_stats(native: Any) -> tuple[int, int, int]:
     out = native._ffi.new("uint64_t[3]")
     native._lib.ws_kv_dict_arena_stats(out, out + 1, out + 2)
@@ -286,6 +291,7 @@ def _big_log(n: int) -> bytes:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the populated region is Linux only")
+@pytest.mark.skipif(not ARENAS, reason="PYTHONMALLOC=malloc: objects do not come from arenas")
 def test_prefault_populates_the_new_objects_memory(native: Any) -> None:
     """On Linux the finish's new objects come from a region populated ahead: the counters
     move by about the objects' size, and the dict is the one built without it."""
@@ -320,13 +326,16 @@ def _rss() -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+@pytest.mark.skipif(not ARENAS, reason="PYTHONMALLOC=malloc: objects do not come from arenas")
 def test_prefaulted_objects_memory_goes_back_to_the_system(native: Any) -> None:
     """Arenas from the populated region are ordinary mappings: freed with the dict (pymalloc
-    unmaps empty arenas), and the region's unused end is unmapped when the finish ends."""
+    unmaps empty arenas), and the region's unused end is unmapped when the finish ends.
+
+    A first finish sets the process's high-water marks (the dict's tables stay in malloc's
+    heap: about 19 MiB here, with or without the region); five more must not add to them."""
     log = _big_log(200_000)  # about 40 MB of new objects per finish
-    gc.collect()
-    base = _rss()
-    for _ in range(5):
+
+    def once() -> int:
         r = native.KVReplayer()
         r.apply_range(log, 0, len(log))
         d = r.finish(bytes)
@@ -334,5 +343,13 @@ def test_prefaulted_objects_memory_goes_back_to_the_system(native: Any) -> None:
         held = _rss()
         del d, r
         gc.collect()
+        return held
+
+    once()
+    base = _rss()
+    after = []
+    for _ in range(5):
+        held = once()
+        after.append(_rss() - base)
     assert held - base > 30 << 20  # the objects were there
-    assert _rss() - base < 16 << 20  # and are gone, five times over
+    assert max(after) < 8 << 20, f"RSS above the first finish's, MiB: {[a >> 20 for a in after]}"
