@@ -28,6 +28,7 @@
 #if defined(__linux__)
 #include <dlfcn.h>
 #include <pthread.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 #ifndef MADV_POPULATE_WRITE
@@ -246,7 +247,13 @@ static void region_expect(size_t bytes)
         return;
     bytes = (size_t)((double)bytes * ESTIMATE_SLACK) + POPULATE_STEP;
     __atomic_store_n(&region.want, (size_t)(region.end - next) > bytes ? next + bytes : region.end, __ATOMIC_RELEASE);
+    /* The helper blocks every signal (it inherits the mask it is created with), so that
+     * none meant for Python's handlers is delivered to it. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
     region.helper_on = pthread_create(&region.helper, NULL, populate_ahead, NULL) == 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
 }
 
 /* (GIL held) The default allocator back; the region's unused end unmapped. */
