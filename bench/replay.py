@@ -16,8 +16,11 @@ rows, then times, on the same warm files:
   sqlite3  dict(SELECT k, v) from a table written beforehand
 
 Usage: python bench/replay.py [--keys N] [--repeat R] [--dir DIR]
-Each figure is the best of R runs (the Python path runs once), in wall and CPU time;
-the C path's first run in the process, which is what open() is, is printed too.
+Each figure is the best of R runs (the Python path runs once), in wall and CPU time.
+The C path and the floor run side by side, one after the other in each of R rounds,
+and the ratio of each round is printed too, with their median: the machine's speed
+drifts between rounds, much less within one. The first round's C run is the first in
+the process, which is what open() is.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import mmap
 import os
 import shutil
 import sqlite3
+import statistics
 import struct
 import sys
 import tempfile
@@ -242,33 +246,46 @@ def main() -> None:
         db = os.path.join(directory, "kv.sqlite3")
         write_sqlite(db, keys, values)
         total = sum(os.path.getsize(p) for p in paths)
+        os.sync()  # the files' writeback done before anything is timed: the first round's C run
+        # (the first in the process, as open() is) would otherwise share the machine with it
         print(
             f"wrote {len(ops):,} ops ({n:,} final keys) in {len(paths)} segments, {total / 2**20:.0f} MiB,"
             f" and sqlite3 in {time.perf_counter() - t0:.1f} s; crc32c: {native.crc32c_impl()}"
         )
 
+        # The C path and the floor run side by side, round by round (C, then the floor), so
+        # that each round's ratio compares two runs seconds apart: this machine's speed drifts
+        # by more than the target's margin over the minutes the other paths take. New key
+        # objects for every floor run (made outside the timing): their hashes are not cached
+        # yet, as replay's keys' are not. (Reusing one list, as before 2026-11-26, gave runs 2
+        # and 3 cached hashes, and the floor was their time; so did the `[bytes(k) for k in
+        # keys]` that replaced it, until fresh_copies, since bytes(k) of a bytes object is that
+        # same object.)
         c_runs: list[dict[str, float]] = []
-        py_phases: dict[str, float] = {}
-
-        def c_replay() -> dict[Any, Any]:
+        timed: dict[str, list[tuple[float, float]]] = {"c": [], "floor": []}  # (wall, cpu) per round
+        d_c: dict[Any, Any] = {}
+        d_floor: dict[Any, Any] = {}
+        for _ in range(args.repeat):
+            d_c = d_floor = {}
+            gc.collect()
             c_runs.append({})
-            return replay_as_open(directory, c_runs[-1])
-
-        t_c, d_c = best("c", c_replay, args.repeat)
+            c0, t0 = time.process_time(), time.perf_counter()
+            d_c = replay_as_open(directory, c_runs[-1])
+            timed["c"].append((time.perf_counter() - t0, time.process_time() - c0))
+            fresh = fresh_copies(keys)
+            gc.collect()
+            c0, t0 = time.process_time(), time.perf_counter()
+            d_floor = dict(zip(fresh, values, strict=True))
+            timed["floor"].append((time.perf_counter() - t0, time.process_time() - c0))
+            del fresh
+        for name, runs in timed.items():
+            CPU[name] = min(cpu for _, cpu in runs)
+        t_c, t_floor = min(w for w, _ in timed["c"]), min(w for w, _ in timed["floor"])
+        round_ratios = [c / f for (c, _), (f, _) in zip(timed["c"], timed["floor"])]
+        py_phases: dict[str, float] = {}
         t_py, d_py = best("python", lambda: replay(paths, reader.scan_records, PyKVReplayer(), py_phases), 1)
         assert list(d_c.items()) == list(d_py.items()), "C and Python replay disagree"
         del d_py
-        # New key objects for every run (made outside the timing): their hashes are not
-        # cached yet, as replay's keys' are not. (Reusing one list, as before 2026-11-26,
-        # gave runs 2 and 3 cached hashes, and the floor was their time; so did the
-        # `[bytes(k) for k in keys]` that replaced it, until fresh_copies, since bytes(k)
-        # of a bytes object is that same object.)
-        t_floor, d_floor = best(
-            "floor",
-            lambda fresh: dict(zip(fresh, values, strict=True)),
-            args.repeat,
-            setup=lambda: fresh_copies(keys),
-        )
         flat = b"".join(k + v for k, v in zip(keys, values, strict=True))
         layout = f"{KEY_SIZE}s{VALUE_SIZE}s"
 
@@ -286,16 +303,19 @@ def main() -> None:
         for name, t in walls.items():
             print(f"{name:<10}{t:>10.3f}{CPU[name]:>10.3f}")
         c_best = min(c_runs, key=lambda p: sum(p.values()))
-        for name, p in (("c", c_best), ("python", py_phases)):
+        for name, p in (("c", c_best), ("c, first round", c_runs[0]), ("python", py_phases)):
             print(f"{name} phases (wall): " + ", ".join(f"{k} {v:.3f} s" for k, v in p.items()))
 
         def ratio(a: str, b: str) -> str:
             return f"{walls[a] / walls[b]:.2f}x (cpu {CPU[a] / CPU[b]:.2f}x)"
 
         print(f"C vs Python: {ratio('python', 'c')} faster (target >= 10x)")
-        print(f"C vs floor: {ratio('c', 'floor')} the floor's time (target <= 2x)")
-        first = sum(c_runs[0].values())
-        print(f"C, first run in this process (as open() is): {first:.3f} s, {first / t_floor:.2f}x the floor")
+        print(f"C vs floor: {ratio('c', 'floor')} the floor's time (target <= 2x), best of each")
+        rounds = ", ".join(f"{r:.2f}x" for r in round_ratios)
+        print(
+            f"C vs floor, round by round: median {statistics.median(round_ratios):.2f}x ({rounds});"
+            " the first round's C run is the first in this process, as open() is"
+        )
         print(f"C vs floor+: {ratio('c', 'floor+')} its time")
         print(f"C vs sqlite3: {ratio('sqlite3', 'c')} faster")
     finally:
