@@ -46,8 +46,11 @@ def test_fresh_copies_are_equal_new_objects() -> None:
 
 def test_replay_bench_runs_and_reports_every_ratio(tmp_path: Path) -> None:
     require_native()
-    out = run_bench("replay.py", "--keys", "3000", "--repeat", "1", "--dir", str(tmp_path / "r"))
-    for label in ("C vs Python:", "C vs floor:", "C vs floor+:", "C vs sqlite3:", "C vs floor, round by round"):
+    out = run_bench(
+        "replay.py", "--keys", "3000", "--repeat", "1", "--new-processes", "1", "--dir", str(tmp_path / "r")
+    )
+    labels = ("C vs Python:", "C vs floor:", "C vs floor+:", "C vs sqlite3:", "C vs floor, round by round")
+    for label in (*labels, "C vs floor, first replay in a new process"):
         assert label in out, out
 
 
