@@ -65,6 +65,11 @@ class Store(DurableStore, MutableMapping[Key, Any]):
     decides; `sync()` forces). preallocate=False for copy-on-write
     filesystems (btrfs, ZFS), where pre-written zeros buy nothing.
 
+    segment_size: each log segment is written as zeros before commits use it
+    (64 MiB by default), so a new store takes that much disk, and every
+    compaction writes a fresh segment's zeros. A small store compacted often
+    does better with a smaller one (4 MiB, say).
+
     Compaction: with auto_compact, a background compaction starts when the
     log written since the last snapshot exceeds both `compact_min_bytes` and
     `compact_ratio` times the snapshot's size (as Redis auto-aof-rewrite).
