@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -208,20 +208,16 @@ CPU: dict[str, float] = {}
 on a machine shared with other work."""
 
 
-def best(
-    name: str, fn: Callable[..., Any], repeat: int, setup: Optional[Callable[[], Any]] = None
-) -> tuple[float, Any]:
-    """The fastest wall time of `repeat` runs and the last result; the fastest CPU time goes to CPU.
-    With `setup`, each run times fn(setup()) and not the setup."""
+def best(name: str, fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
+    """The fastest wall time of `repeat` runs and the last result; the fastest CPU time goes to CPU."""
     times = []
     cpu = []
     result = None
     for _ in range(repeat):
         result = None
-        arg = setup() if setup is not None else None
         gc.collect()
         c0, t0 = time.process_time(), time.perf_counter()
-        result = fn(arg) if setup is not None else fn()
+        result = fn()
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     CPU[name] = min(cpu)
