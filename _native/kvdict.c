@@ -107,7 +107,7 @@ static void stage_batch(const ws_kv_item *items, size_t n, const uint8_t **src, 
  *   arena may be asked for from another thread while the hook is set. */
 #if defined(__linux__) && !defined(Py_GIL_DISABLED)
 #define REGION_ARENAS 1
-#define REGION_MAX ((size_t)1 << 30)  /* address space reserved per call; only populated pages cost */
+#define REGION_MAX ((size_t)1 << 30)  /* the most address space mapped per call */
 #define POPULATE_STEP ((size_t)1 << 20) /* bytes per madvise call */
 #define POPULATE_WINDOW ((size_t)16 << 20) /* how far ahead of the next arena the helper goes */
 #define ESTIMATE_SLACK 1.0625          /* the estimate's margin (pools, size classes) */
@@ -125,22 +125,20 @@ static struct {
     arena_allocator saved;
     uint8_t *base, *end;
     uint8_t *next;   /* next arena to hand out (atomic: the helper reads it) */
-    uint8_t *want;   /* populate up to here (atomic: set by the call, read by the helper) */
     int stop;        /* atomic: the helper ends */
     int helper_on;
     pthread_t helper;
     uint64_t regions, arenas, populated; /* counters, for the tests */
 } region;
 
-/* The helper: populate [next, min(next + window, want)) as the arenas advance. */
+/* The helper: populate [next, min(next + window, end)) as the arenas advance. */
 static void *populate_ahead(void *unused)
 {
     uint8_t *done = region.base;
     (void)unused;
     while (!__atomic_load_n(&region.stop, __ATOMIC_ACQUIRE)) {
         uint8_t *next = __atomic_load_n(&region.next, __ATOMIC_ACQUIRE);
-        uint8_t *want = __atomic_load_n(&region.want, __ATOMIC_ACQUIRE);
-        uint8_t *target = (size_t)(want - next) > POPULATE_WINDOW ? next + POPULATE_WINDOW : want;
+        uint8_t *target = (size_t)(region.end - next) > POPULATE_WINDOW ? next + POPULATE_WINDOW : region.end;
         if (done < next)
             done = next;
         if (done >= target) {
@@ -221,35 +219,31 @@ static int region_usable(void)
     return region.state == 1;
 }
 
-/* (GIL held) New arenas from a fresh region until region_end(). */
-static void region_begin(void)
+/* (GIL held) New arenas from a fresh region, sized for about `bytes` of new objects, until
+ * region_end(); a helper thread populates it ahead of them. The region is mapped to the
+ * estimate (not more: under strict overcommit a mapping is charged whole); objects past it
+ * come from pymalloc's own arenas, as without it. */
+static void region_begin(size_t bytes)
 {
     void *r;
+    size_t size;
     arena_allocator mine = {NULL, region_alloc, region_free};
+    sigset_t all, old;
     if (!region_usable())
         return;
-    r = mmap(NULL, REGION_MAX, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    size = (size_t)((double)bytes * ESTIMATE_SLACK) + POPULATE_STEP;
+    size = size > REGION_MAX ? REGION_MAX : (size + POPULATE_STEP - 1) & ~(POPULATE_STEP - 1);
+    r = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (r == MAP_FAILED)
         return;
-    region.base = region.next = region.want = r;
-    region.end = region.base + REGION_MAX;
+    region.base = region.next = r;
+    region.end = region.base + size;
     region.stop = 0;
     region.regions++;
     region.get(&region.saved);
     region.set(&mine);
-}
-
-/* (GIL held) Populate ahead for about `bytes` more of new objects (from now on). */
-static void region_expect(size_t bytes)
-{
-    uint8_t *next = __atomic_load_n(&region.next, __ATOMIC_ACQUIRE);
-    if (region.base == NULL || region.helper_on || region.stop)
-        return;
-    bytes = (size_t)((double)bytes * ESTIMATE_SLACK) + POPULATE_STEP;
-    __atomic_store_n(&region.want, (size_t)(region.end - next) > bytes ? next + bytes : region.end, __ATOMIC_RELEASE);
     /* The helper blocks every signal (it inherits the mask it is created with), so that
      * none meant for Python's handlers is delivered to it. */
-    sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
     region.helper_on = pthread_create(&region.helper, NULL, populate_ahead, NULL) == 0;
@@ -265,7 +259,7 @@ static void region_end(void)
     region.set(&region.saved);
     if (region.next < region.end)
         munmap(region.next, (size_t)(region.end - region.next));
-    region.base = region.next = region.want = region.end = NULL;
+    region.base = region.next = region.end = NULL;
 }
 
 /* What `n` bytes become as a small object (pymalloc: 16-byte size classes up to 512), or 0. */
@@ -287,10 +281,7 @@ static size_t batch_bytes(const ws_kv_item *items, size_t n)
     return total;
 }
 #else
-static void region_begin(void)
-{
-}
-static void region_expect(size_t bytes)
+static void region_begin(size_t bytes)
 {
     (void)bytes;
 }
@@ -360,8 +351,6 @@ int ws_kv_build_dict(const ws_kv *kv, uintptr_t dict_addr, uintptr_t codec_keys_
         rc = WS_KV_DICT_UNSUPPORTED;
         goto out;
     }
-    if (prefault)
-        region_begin();
     while (rc == WS_KV_DICT_DONE) {
         size_t want = limit - done < BATCH ? (size_t)(limit - done) : BATCH, n;
         uint64_t at = *cursor;
@@ -376,7 +365,7 @@ int ws_kv_build_dict(const ws_kv *kv, uintptr_t dict_addr, uintptr_t codec_keys_
         if (n == 0)
             break;
         if (done == 0 && prefault) /* the first batch's objects, times the batches to come */
-            region_expect(batch_bytes(items, n) / n * (size_t)(limit - done));
+            region_begin(batch_bytes(items, n) / n * (size_t)limit);
         stage_batch(items, n, src, stage);
         for (size_t j = 0; j < n; j++) {
             if (insert(dict, codec_keys, &items[j], src[j]) < 0) {

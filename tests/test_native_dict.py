@@ -316,7 +316,7 @@ def test_prefault_populates_the_new_objects_memory(native: Any) -> None:
         objects = n * (64 + 144)  # pymalloc size classes of a 16-byte and a 100-byte bytes object
         assert objects // (1 << 20) <= arenas <= objects // (1 << 20) + 2
         if _populate_write_supported():
-            assert objects <= populated <= objects * 1.1 + (2 << 20)
+            assert objects <= populated <= objects * 1.1 + (3 << 20)  # the estimate, rounded up to 1 MiB
     assert dicts[0] == dicts[1] and len(dicts[1]) == n
 
 
