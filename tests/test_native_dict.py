@@ -314,9 +314,12 @@ def test_prefault_populates_the_new_objects_memory(native: Any) -> None:
             continue
         assert regions == 1  # one ws_kv_build_dict call: n is below _DICT_CHUNK
         objects = n * (64 + 144)  # pymalloc size classes of a 16-byte and a 100-byte bytes object
-        assert objects // (1 << 20) <= arenas <= objects // (1 << 20) + 2
+        # new arenas for all but what free pools of earlier objects take (under 2 MiB here)
+        assert objects // (1 << 20) - 2 <= arenas <= objects // (1 << 20) + 2
         if _populate_write_supported():
-            assert objects <= populated <= objects * 1.1 + (3 << 20)  # the estimate, rounded up to 1 MiB
+            # The helper runs alongside, and is stopped when the call ends: how far it got is
+            # timing (the arena count above is not); at most the estimate, rounded up to 1 MiB.
+            assert 0 < populated <= objects * 1.1 + (3 << 20)
     assert dicts[0] == dicts[1] and len(dicts[1]) == n
 
 
