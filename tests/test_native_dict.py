@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import os
 import platform
+import re
 import sys
 import threading
 import tracemalloc
@@ -282,8 +283,8 @@ def _populate_write_supported() -> bool:
     """MADV_POPULATE_WRITE came with Linux 5.14."""
     if not sys.platform.startswith("linux"):
         return False
-    major, minor = (int(x) for x in platform.release().split(".")[:2])
-    return (major, minor) >= (5, 14)
+    m = re.match(r"(\d+)\.(\d+)", platform.release())  # "6.18.44-fc", "5.15rc1", ...
+    return m is not None and (int(m.group(1)), int(m.group(2))) >= (5, 14)
 
 
 def _big_log(n: int) -> bytes:
