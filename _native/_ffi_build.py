@@ -98,8 +98,9 @@ typedef struct {
 } ws_kv_item;
 size_t ws_kv_items(const ws_kv *kv, uint64_t *cursor, ws_kv_item *out, size_t cap);
 int ws_kv_build_dict(const ws_kv *kv, uintptr_t dict, uintptr_t codec_keys, uint64_t *cursor, uint64_t limit,
-                     int prefault);
+                     int flags);
 void ws_kv_dict_arena_stats(uint64_t *regions, uint64_t *arenas, uint64_t *populated);
+int ws_kv_dict_layout(int layout, uint64_t *batches);
 int64_t ws_kv_snapshot_chunk(const ws_kv *kv, uint64_t *cursor, uint64_t chunk_bytes, uint8_t *out,
                              size_t out_size, uint64_t *need);
 

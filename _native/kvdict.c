@@ -1,9 +1,11 @@
 /* The replayed state as a Python dict, built in C. See kvdict.h.
  *
- * Only the CPython C API's stable ABI is used (Py_LIMITED_API, as the cffi
+ * Only the CPython C API's stable ABI is called (Py_LIMITED_API, as the cffi
  * module itself), and only on CPython: elsewhere the function is a stub that
- * says so. cffi calls C functions with the GIL released, so this one takes
- * it back (PyGILState_Ensure) for as long as it touches Python objects.
+ * says so. Beyond it, the dict's memory layout is read, for known versions
+ * after a check, to prefetch its table ("the dict's table read ahead of the
+ * inserts" below). cffi calls C functions with the GIL released, so this one
+ * takes it back (PyGILState_Ensure) for as long as it touches Python objects.
  */
 #if !defined(Py_LIMITED_API)
 #if defined(_MSC_VER)
@@ -42,9 +44,9 @@
 #ifdef PYPY_VERSION
 
 int ws_kv_build_dict(const ws_kv *kv, uintptr_t dict, uintptr_t codec_keys, uint64_t *cursor, uint64_t limit,
-                     int prefault)
+                     int flags)
 {
-    (void)prefault;
+    (void)flags;
     (void)kv;
     (void)dict;
     (void)codec_keys;
@@ -58,19 +60,46 @@ void ws_kv_dict_arena_stats(uint64_t *regions, uint64_t *arenas, uint64_t *popul
     *regions = *arenas = *populated = 0;
 }
 
+int ws_kv_dict_layout(int layout, uint64_t *batches)
+{
+    (void)layout;
+    *batches = 0;
+    return -1;
+}
+
 #else
 
 #define BATCH 256 /* items fetched from the table per ws_kv_items call */
 #define STAGE_ITEM 256 /* items of at most this many bytes (key and value) are staged */
+#define STAGE_AHEAD 16 /* items whose bytes are prefetched ahead of the one copied */
+
+#if defined(__GNUC__) || defined(__clang__)
+#define PREFETCH(p) __builtin_prefetch(p)
+#else
+#define PREFETCH(p) ((void)(p))
+#endif
+
+static void prefetch_item(const ws_kv_item *it)
+{
+    size_t len = (size_t)it->klen + it->vlen;
+    PREFETCH(it->key);
+    if (len > 1)
+        PREFETCH(it->key + len - 1);
+}
 
 /* Where each item's bytes are read from: small items are first copied, the
- * whole batch in one tight loop, into `stage` (BATCH * STAGE_ITEM bytes, or
- * NULL), so their cache and TLB misses in the maps overlap instead of each
- * stalling between object allocations. */
+ * whole batch in one tight loop with the bytes STAGE_AHEAD items on
+ * prefetched, into `stage` (BATCH * STAGE_ITEM bytes, or NULL), so their cache
+ * and TLB misses in the maps overlap instead of each stalling between object
+ * allocations. */
 static void stage_batch(const ws_kv_item *items, size_t n, const uint8_t **src, uint8_t *stage)
 {
+    for (size_t j = 0; j < n && j < STAGE_AHEAD; j++)
+        prefetch_item(&items[j]);
     for (size_t j = 0; j < n; j++) {
         size_t len = (size_t)items[j].klen + items[j].vlen;
+        if (j + STAGE_AHEAD < n)
+            prefetch_item(&items[j + STAGE_AHEAD]);
         if (stage && len <= STAGE_ITEM) {
             memcpy(stage + j * STAGE_ITEM, items[j].key, len);
             src[j] = stage + j * STAGE_ITEM;
@@ -315,30 +344,300 @@ static PyObject *make(const uint8_t *p, uint32_t n, int text)
     return PyBytes_FromStringAndSize((const char *)p, (Py_ssize_t)n);
 }
 
-/* Insert one item; 0, or -1 with an exception set. Every reference made here is released. */
-static int insert(PyObject *dict, PyObject *codec_keys, const ws_kv_item *it, const uint8_t *src)
+/* ---- the dict's table read ahead of the inserts --------------------------------------------
+ *
+ * Inserting a million new keys into a dict is bound by memory latency: each insert probes the
+ * dict's index array, and the entry a used slot points to, at random in tables of tens of MB,
+ * and CPython reads them only as the insert runs, one miss after the other. The floor
+ * (dict(zip(keys, values))) pays the same misses. Here a batch's objects are made and hashed
+ * first, then the first PROBE_AHEAD slots of each key's probe sequence and the entries they
+ * hold are prefetched, a pass over the batch per slot, and only then are the keys inserted, in
+ * order, with PyDict_SetItem: the batch's misses overlap.
+ *
+ * This needs the layout of CPython's dict (PyDictObject and its keys object), which no API
+ * gives. It is used only for the versions whose layout is known (3.10, and 3.11 to 3.13, read
+ * from Py_GetVersion at run time, since an abi3 module may be loaded by a later Python), on
+ * 64-bit builds with the GIL and without debug options, and only after a probe has found, by
+ * CPython's own probe sequence over that layout, every key of four test dicts (bytes and str
+ * keys; 1- and 2-byte indices) at its own entry, with its hash. Otherwise nothing is
+ * prefetched. What is read: the dict's keys pointer, its keys object's header, and index slots
+ * and entries within the sizes that header gives, always of the table the dict holds at that
+ * moment (a resize frees the old one). A prefetch is a hint: it never faults. The inserts are
+ * PyDict_SetItem's, unchanged. */
+#if SIZE_MAX == UINT64_MAX && !defined(Py_DEBUG) && !defined(Py_TRACE_REFS) && !defined(Py_GIL_DISABLED) && \
+    (defined(__GNUC__) || defined(__clang__))
+#define TABLE_PREFETCH 1
+#define PROBE_AHEAD 2 /* slots of each key's probe read ahead, with the entries they hold */
+
+/* 0: not checked yet; -1: not used; 10: 3.10's layout; 11: that of 3.11 to 3.13. */
+static int dict_layout;
+static uint64_t prefetched_batches; /* (GIL) batches whose table was read ahead, for the tests */
+
+typedef struct {
+    const uint8_t *keys; /* the keys object this view was taken from */
+    const uint8_t *indices;
+    const uint8_t *entries;
+    size_t mask;
+    Py_ssize_t nentries;
+    unsigned ix_shift;   /* log2 of an index's bytes */
+    unsigned entry_size; /* 24 (hash, key, value) or 16 (key, value: str keys from 3.11 on) */
+} table_view;
+
+/* The keys object the dict holds now (PyDictObject: head, ma_used, ma_version_tag, ma_keys, ma_values). */
+static const uint8_t *dict_keys(PyObject *dict)
 {
-    unsigned kind = ((unsigned)it->flags >> WS_VALUE_KIND_SHIFT) & 3;
-    PyObject *key, *value;
-    int rc;
-    key = make(src, it->klen, it->flags & WS_KEY_STR);
-    if (!key)
-        return -1;
-    value = make(src + it->klen, it->vlen, kind == WS_VALUE_STR);
-    if (!value) {
-        Py_DECREF(key);
-        return -1;
+    return *(const uint8_t *const *)((const uint8_t *)dict + 32);
+}
+
+/* (GIL held, layout known) A view of the dict's combined table; 0 if it has none (split). */
+static int view_table(PyObject *dict, table_view *t)
+{
+    const uint8_t *keys = dict_keys(dict);
+    if (*(void *const *)((const uint8_t *)dict + 40) != NULL || keys == NULL)
+        return 0;
+    t->keys = keys;
+    if (dict_layout == 10) { /* dk_refcnt, dk_size, dk_lookup, dk_usable, dk_nentries, dk_indices */
+        size_t size = *(const size_t *)(keys + 8);
+        if (size < 8 || (size & (size - 1)) != 0)
+            return 0;
+        t->ix_shift = size <= 0xff ? 0 : size <= 0xffff ? 1 : size <= 0xffffffffu ? 2 : 3;
+        t->mask = size - 1;
+        t->indices = keys + 40;
+        t->entries = t->indices + (size << t->ix_shift);
+        t->entry_size = 24;
+        t->nentries = *(const Py_ssize_t *)(keys + 32);
+    } else { /* dk_refcnt, dk_log2_size, dk_log2_index_bytes, dk_kind, dk_version, dk_usable, dk_nentries */
+        unsigned log2_size = keys[8], log2_index_bytes = keys[9], kind = keys[10];
+        if (kind > 1 || log2_size < 3 || log2_size > 40 || log2_index_bytes < log2_size ||
+            log2_index_bytes > log2_size + 3)
+            return 0;
+        t->mask = ((size_t)1 << log2_size) - 1;
+        t->ix_shift = log2_index_bytes - log2_size;
+        t->indices = keys + 32;
+        t->entries = t->indices + ((size_t)1 << log2_index_bytes);
+        t->entry_size = kind == 0 ? 24 : 16;
+        t->nentries = *(const Py_ssize_t *)(keys + 24);
     }
-    rc = PyDict_SetItem(dict, key, value);
-    if (rc == 0 && kind == WS_VALUE_CODEC)
-        rc = PyList_Append(codec_keys, key);
-    Py_DECREF(value);
-    Py_DECREF(key);
-    return rc;
+    return 1;
+}
+
+/* (GIL held) 1 if the dict still holds a table of the view's address and size (a table at
+ * the same address with the same mask has its entries where the view says). */
+static int same_table(PyObject *dict, const table_view *t)
+{
+    table_view now;
+    return dict_keys(dict) == t->keys && view_table(dict, &now) && now.mask == t->mask &&
+           now.entry_size == t->entry_size;
+}
+
+static const void *slot_address(const table_view *t, Py_hash_t hash)
+{
+    return t->indices + (((size_t)hash & t->mask) << t->ix_shift);
+}
+
+/* The entry number in slot `i`: >= 0, or -1 (empty) or -2 (deleted). */
+static Py_ssize_t slot_index(const table_view *t, size_t i)
+{
+    switch (t->ix_shift) {
+    case 0:
+        return ((const int8_t *)t->indices)[i];
+    case 1:
+        return ((const int16_t *)t->indices)[i];
+    case 2:
+        return ((const int32_t *)t->indices)[i];
+    default:
+        return ((const int64_t *)t->indices)[i];
+    }
+}
+
+/* The entry slot `i` holds, or NULL (an empty or deleted slot). */
+static const uint8_t *entry_at(const table_view *t, size_t i)
+{
+    Py_ssize_t ix = slot_index(t, i);
+    return ix >= 0 && ix < t->nentries ? t->entries + (size_t)ix * t->entry_size : NULL;
+}
+
+/* The key object an entry holds (after the hash, in 24-byte entries). */
+static PyObject *entry_key(const table_view *t, const uint8_t *entry)
+{
+    return *(PyObject *const *)(entry + (t->entry_size == 24 ? 8 : 0));
+}
+
+/* (GIL held) 1 if every key of `dict` (made from `keys`, in order) is where the layout says:
+ * found by CPython's probe sequence (perturb >>= 5; i = i * 5 + perturb + 1) at its own entry,
+ * with its hash where entries hold one. */
+static int layout_holds(PyObject *dict, PyObject *keys)
+{
+    table_view t;
+    Py_ssize_t n = PyList_Size(keys);
+    if (!view_table(dict, &t) || t.nentries != n || PyDict_Size(dict) != n)
+        return 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *key = PyList_GetItem(keys, k);
+        Py_hash_t hash = PyObject_Hash(key);
+        size_t perturb = (size_t)hash, i = (size_t)hash & t.mask, probes = 0;
+        const uint8_t *entry = t.entries + (size_t)k * t.entry_size;
+        if (hash == -1 || entry_key(&t, entry) != key || (t.entry_size == 24 && *(const Py_hash_t *)entry != hash))
+            return 0;
+        while (slot_index(&t, i) != k) {
+            if (slot_index(&t, i) == -1 || ++probes > t.mask)
+                return 0;
+            perturb >>= 5;
+            i = (i * 5 + perturb + 1) & t.mask;
+        }
+    }
+    return 1;
+}
+
+/* (GIL held) 1 if a dict of `n` new keys (bytes, or str when `text`) passes layout_holds. */
+static int layout_sample_holds(Py_ssize_t n, int text)
+{
+    PyObject *dict = PyDict_New(), *keys = PyList_New(0);
+    int ok = dict && keys;
+    for (Py_ssize_t k = 0; ok && k < n; k++) {
+        char buf[40];
+        int len = snprintf(buf, sizeof buf, "walstore-dict-layout-%zd", k);
+        PyObject *key = make((const uint8_t *)buf, (uint32_t)len, text);
+        ok = key && PyDict_SetItem(dict, key, Py_None) == 0 && PyList_Append(keys, key) == 0;
+        Py_XDECREF(key);
+    }
+    ok = ok && layout_holds(dict, keys);
+    Py_XDECREF(dict);
+    Py_XDECREF(keys);
+    if (PyErr_Occurred())
+        PyErr_Clear();
+    return ok;
+}
+
+/* (GIL held) 1 if `layout` (10 or 11) holds for four test dicts: 5 keys (1-byte indices) and
+ * 300 keys (2-byte indices), bytes and str. A wrong layout is caught before anything is read
+ * through it: view_table refuses the header it would see. */
+static int layout_checks(int layout)
+{
+    int saved = dict_layout, ok;
+    dict_layout = layout;
+    ok = layout_sample_holds(5, 0) && layout_sample_holds(300, 0) && layout_sample_holds(5, 1) &&
+         layout_sample_holds(300, 1);
+    dict_layout = saved;
+    return ok;
+}
+
+/* (GIL held) 1 when the dict's table may be read ahead, deciding once. */
+static int layout_known(void)
+{
+    if (dict_layout == 0) {
+        int major = 0, minor = 0, layout = -1;
+        if (sscanf(Py_GetVersion(), "%d.%d", &major, &minor) == 2 && major == 3 && minor >= 10 && minor <= 13)
+            layout = minor == 10 ? 10 : 11;
+        dict_layout = layout > 0 && layout_checks(layout) ? layout : -1;
+    }
+    return dict_layout > 0;
+}
+#endif
+
+/* One batch: its keys and values made, the keys hashed (the hash is cached in the key, for the
+ * insert), then inserted in order; with `prefetch`, the dict's table read ahead in between
+ * (above). Returns how many items are in the dict: n, or fewer when making or inserting the
+ * next one failed (its exception cleared). Every reference made is released or owned by the
+ * dict or the list. */
+static size_t insert_batch(PyObject *dict, PyObject *codec_keys, const ws_kv_item *items, const uint8_t *const *src,
+                           size_t n, int prefetch)
+{
+    PyObject *keys[BATCH], *values[BATCH];
+    Py_hash_t hashes[BATCH];
+    size_t made = 0, done = 0;
+#ifdef TABLE_PREFETCH
+    table_view t;
+    const uint8_t *ahead[BATCH];
+    int view = prefetch && layout_known() && view_table(dict, &t);
+    if (view)
+        prefetched_batches++;
+#else
+    (void)prefetch;
+#endif
+    for (; made < n; made++) {
+        const ws_kv_item *it = &items[made];
+        unsigned kind = ((unsigned)it->flags >> WS_VALUE_KIND_SHIFT) & 3;
+        keys[made] = make(src[made], it->klen, it->flags & WS_KEY_STR);
+        if (!keys[made]) {
+            PyErr_Clear(); /* before the inserts below */
+            break;
+        }
+        values[made] = make(src[made] + it->klen, it->vlen, kind == WS_VALUE_STR);
+        hashes[made] = values[made] ? PyObject_Hash(keys[made]) : -1; /* cached in the key for the insert */
+        if (hashes[made] == -1) {
+            PyErr_Clear();
+            Py_XDECREF(values[made]);
+            Py_DECREF(keys[made]);
+            break;
+        }
+#ifdef TABLE_PREFETCH
+        if (view)
+            PREFETCH(slot_address(&t, hashes[made]));
+#endif
+    }
+#ifdef TABLE_PREFETCH
+    if (view) { /* nothing inserted since the view was taken: the same table, its slots now in cache */
+        size_t slot[BATCH], perturb[BATCH];
+        uint8_t more[BATCH]; /* the probe goes on past slot[j] */
+        for (size_t j = 0; j < made; j++) {
+            slot[j] = (size_t)hashes[j] & t.mask;
+            perturb[j] = (size_t)hashes[j];
+            ahead[j] = entry_at(&t, slot[j]);
+            if (ahead[j]) { /* a used slot: the probe reads its entry, then goes on */
+                PREFETCH(ahead[j]);
+                perturb[j] >>= 5;
+                slot[j] = (slot[j] * 5 + perturb[j] + 1) & t.mask;
+                PREFETCH(t.indices + (slot[j] << t.ix_shift));
+            }
+            more[j] = ahead[j] != NULL;
+        }
+        for (int level = 1; level < PROBE_AHEAD; level++) {
+            for (size_t j = 0; j < made; j++) {
+                const uint8_t *entry;
+                if (!more[j])
+                    continue;
+                entry = entry_at(&t, slot[j]);
+                if (!entry) {
+                    more[j] = 0;
+                    continue;
+                }
+                PREFETCH(entry);
+                perturb[j] >>= 5;
+                slot[j] = (slot[j] * 5 + perturb[j] + 1) & t.mask;
+                PREFETCH(t.indices + (slot[j] << t.ix_shift));
+            }
+        }
+    }
+#endif
+    for (; done < made; done++) {
+        unsigned kind = ((unsigned)items[done].flags >> WS_VALUE_KIND_SHIFT) & 3;
+        int rc;
+#ifdef TABLE_PREFETCH
+        /* Entries of str keys hold no hash: the probe reads the stored key. Fetch it a few inserts
+         * ahead, from its entry (now in cache), while the dict still holds the viewed table. */
+        if (view && t.entry_size == 16 && done + 8 < made && ahead[done + 8] && same_table(dict, &t))
+            PREFETCH(entry_key(&t, ahead[done + 8]));
+#endif
+        rc = PyDict_SetItem(dict, keys[done], values[done]);
+        if (rc == 0 && kind == WS_VALUE_CODEC)
+            rc = PyList_Append(codec_keys, keys[done]);
+        if (rc < 0) {
+            PyErr_Clear();
+            break;
+        }
+        Py_DECREF(values[done]);
+        Py_DECREF(keys[done]);
+    }
+    for (size_t j = done; j < made; j++) {
+        Py_DECREF(values[j]);
+        Py_DECREF(keys[j]);
+    }
+    return done;
 }
 
 int ws_kv_build_dict(const ws_kv *kv, uintptr_t dict_addr, uintptr_t codec_keys_addr, uint64_t *cursor,
-                     uint64_t limit, int prefault)
+                     uint64_t limit, int flags)
 {
     PyObject *dict = (PyObject *)dict_addr, *codec_keys = (PyObject *)codec_keys_addr;
     ws_kv_item items[BATCH];
@@ -352,7 +651,7 @@ int ws_kv_build_dict(const ws_kv *kv, uintptr_t dict_addr, uintptr_t codec_keys_
         goto out;
     }
     while (rc == WS_KV_DICT_DONE) {
-        size_t want = limit - done < BATCH ? (size_t)(limit - done) : BATCH, n;
+        size_t want = limit - done < BATCH ? (size_t)(limit - done) : BATCH, n, inserted;
         uint64_t at = *cursor;
         if (want == 0) {
             /* Stopped at the limit: more only if an entry is left (ws_kv_items with cap 0 moves nothing). */
@@ -364,16 +663,14 @@ int ws_kv_build_dict(const ws_kv *kv, uintptr_t dict_addr, uintptr_t codec_keys_
         n = ws_kv_items(kv, cursor, items, want);
         if (n == 0)
             break;
-        if (done == 0 && prefault) /* the first batch's objects, times the batches to come */
+        if (done == 0 && (flags & WS_KV_DICT_PREFAULT)) /* the first batch's objects, times the batches to come */
             region_begin(batch_bytes(items, n) / n * (size_t)limit);
         stage_batch(items, n, src, stage);
-        for (size_t j = 0; j < n; j++) {
-            if (insert(dict, codec_keys, &items[j], src[j]) < 0) {
-                *cursor = items[j].entry; /* the caller redoes this one in Python */
-                PyErr_Clear();
-                rc = WS_KV_DICT_FAILED;
-                break;
-            }
+        inserted = insert_batch(dict, codec_keys, items, src, n, flags & WS_KV_DICT_PREFETCH);
+        if (inserted < n) {
+            *cursor = items[inserted].entry; /* the caller redoes this one in Python */
+            rc = WS_KV_DICT_FAILED;
+            break;
         }
         done += n;
     }
@@ -381,6 +678,24 @@ int ws_kv_build_dict(const ws_kv *kv, uintptr_t dict_addr, uintptr_t codec_keys_
 out:
     PyGILState_Release(gil);
     free(stage);
+    return rc;
+}
+
+int ws_kv_dict_layout(int layout, uint64_t *batches)
+{
+    int rc = -1;
+    PyGILState_STATE gil = PyGILState_Ensure();
+#ifdef TABLE_PREFETCH
+    if (layout == 0)
+        rc = layout_known() ? dict_layout : -1;
+    else if (layout == 10 || layout == 11)
+        rc = layout_checks(layout);
+    *batches = prefetched_batches;
+#else
+    (void)layout;
+    *batches = 0;
+#endif
+    PyGILState_Release(gil);
     return rc;
 }
 

@@ -1,10 +1,12 @@
 """The C dict builder (ws_kv_build_dict) behind native.KVReplayer.finish.
 
 Same dict, order, decode calls and exceptions as PyKVReplayer through every
-path (C in one go with and without the prefault helper, C in chunks, C failing
-part way then Python, the exported blob); exact reference counts; no leaks;
-callable from any thread; the new objects' memory populated ahead on Linux,
-and given back to the system when they are freed.
+path (C in one go, with and without the prefault helper and the dict table's
+read-ahead, C in chunks, C failing part way then Python, the exported blob);
+exact reference counts; no leaks; callable from any thread; the new objects'
+memory populated ahead on Linux, and given back to the system when they are
+freed; the dict layout the read-ahead relies on checked, and a wrong one
+refused.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import platform
 import re
 import sys
+import sysconfig
 import threading
 import tracemalloc
 from typing import Any
@@ -45,16 +48,16 @@ class _FailAfter:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._lib, name)
 
-    def ws_kv_build_dict(self, kv: Any, d: int, codec_keys: int, cursor: Any, limit: int, prefault: bool) -> int:
+    def ws_kv_build_dict(self, kv: Any, d: int, codec_keys: int, cursor: Any, limit: int, flags: int) -> int:
         n = min(limit, self._left)
-        rc = self._lib.ws_kv_build_dict(kv, d, codec_keys, cursor, n, prefault) if n else self._lib.WS_KV_DICT_MORE
+        rc = self._lib.ws_kv_build_dict(kv, d, codec_keys, cursor, n, flags) if n else self._lib.WS_KV_DICT_MORE
         self._left -= n
         if rc == self._lib.WS_KV_DICT_MORE and self._left == 0:
             return int(self._lib.WS_KV_DICT_FAILED)
         return int(rc)
 
 
-MODES = ["c", "c-no-prefault", "c-chunks", "c-fails-after-2", "blob"]
+MODES = ["c", "c-no-prefault", "c-no-prefetch", "c-chunks", "c-fails-after-2", "blob"]
 
 
 @pytest.fixture(params=MODES)
@@ -62,6 +65,8 @@ def mode(request: pytest.FixtureRequest, native: Any, monkeypatch: pytest.Monkey
     """Which way finish builds the dict: each must give the reference's outcome."""
     if request.param == "c-no-prefault":
         monkeypatch.setattr(native, "PREFAULT_OBJECTS", False)
+    elif request.param == "c-no-prefetch":
+        monkeypatch.setattr(native, "PREFETCH_TABLE", False)
     elif request.param == "c-chunks":
         monkeypatch.setattr(native, "_DICT_CHUNK", 2)
     elif request.param == "c-fails-after-2":
@@ -178,7 +183,11 @@ def test_random_ops(native: Any, ops: list[tuple[int, bytes, bool, int, bytes]],
         for op, k, key_str, kind, v in ops
     ]
     with pytest.MonkeyPatch.context() as mp:
-        if mode_name == "c-chunks":
+        if mode_name == "c-no-prefault":
+            mp.setattr(native, "PREFAULT_OBJECTS", False)
+        elif mode_name == "c-no-prefetch":
+            mp.setattr(native, "PREFETCH_TABLE", False)
+        elif mode_name == "c-chunks":
             mp.setattr(native, "_DICT_CHUNK", 3)
         elif mode_name == "c-fails-after-2":
             mp.setattr(native, "_lib", _FailAfter(native._lib, 2))
@@ -357,3 +366,63 @@ def test_prefaulted_objects_memory_goes_back_to_the_system(native: Any) -> None:
         after.append(_rss() - base)
     assert held - base > 30 << 20  # the objects were there
     assert max(after) < 8 << 20, f"RSS above the first finish's, MiB: {[a >> 20 for a in after]}"
+
+
+# The read-ahead of the dict's table needs CPython's dict layout: known for 3.10 to 3.13 on
+# 64-bit builds with the GIL and without debug options (kvdict.c). Elsewhere nothing is read.
+KNOWN_LAYOUT = (
+    sys.implementation.name == "cpython"
+    and sys.maxsize > 2**32
+    and (3, 10) <= sys.version_info[:2] <= (3, 13)
+    and not hasattr(sys, "gettotalrefcount")
+    and not sysconfig.get_config_var("Py_GIL_DISABLED")
+)
+
+
+def _layout(native: Any, layout: int) -> tuple[int, int]:
+    batches = native._ffi.new("uint64_t *")
+    rc = native._lib.ws_kv_dict_layout(layout, batches)
+    return int(rc), int(batches[0])
+
+
+def test_dict_layout_is_checked_before_use(native: Any) -> None:
+    """The layout in use is this Python's, its checks pass, and the other layout's fail: a
+    layout that does not hold is refused before anything is read through it."""
+    in_use, _ = _layout(native, 0)
+    if not KNOWN_LAYOUT:
+        assert in_use == -1
+        assert _layout(native, 10)[0] == _layout(native, 11)[0] == -1  # no checks compiled in
+        return
+    want = 10 if sys.version_info[:2] == (3, 10) else 11
+    assert in_use == want
+    assert _layout(native, want)[0] == 1
+    assert _layout(native, 21 - want)[0] == 0
+
+
+@pytest.mark.parametrize("key_str", [False, True], ids=["bytes-keys", "str-keys"])
+def test_table_read_ahead_changes_nothing(native: Any, key_str: bool) -> None:
+    """With and without the read-ahead, the same dict in the same order as the reference's,
+    through every resize up to 4-byte indices (over 65,536 slots), with deleted and re-put
+    keys; and where the layout is known the read-ahead really ran."""
+    n = 50_000
+    ops = [put(b"key-%07d" % i, b"value-%d" % i, key_str=key_str) for i in range(n)]
+    ops += [fmt.encode_op(DELETE, fmt.op_flags(key_str, BYTES), b"key-%07d" % i, b"") for i in range(0, n, 7)]
+    ops += [put(b"key-%07d" % i, b"again-%d" % i, key_str=key_str) for i in range(0, n, 14)]
+    log = log_of(*ops)
+    want = PyKVReplayer()
+    want.apply_range(log, 0, len(log))
+    expected = list(want.finish(bytes).items())
+    assert len(expected) == n - len(range(0, n, 7)) + len(range(0, n, 14))
+    for prefetch in (False, True):
+        native.PREFETCH_TABLE = prefetch
+        try:
+            before = _layout(native, 0)[1]
+            r = native.KVReplayer()
+            r.apply_range(log, 0, len(log))
+            got = list(r.finish(bytes).items())
+            batches = _layout(native, 0)[1] - before
+        finally:
+            native.PREFETCH_TABLE = True
+        assert got == expected
+        # 256 keys a batch; the first goes into the empty dict's shared table (too small for a view)
+        assert batches == (-(-len(expected) // 256) - 1 if prefetch and KNOWN_LAYOUT else 0)

@@ -48,6 +48,7 @@ _ITER_UNPACK_MIN = 4  # runs at least this long are split by struct.iter_unpack
 _DICT_IN_C = sys.implementation.name == "cpython"  # ws_kv_build_dict takes id() as an address
 _DICT_CHUNK = 1 << 16  # keys per ws_kv_build_dict call: the GIL is free between calls
 PREFAULT_OBJECTS = True  # finish populates its new objects' pages ahead where it can (docs/NATIVE.md)
+PREFETCH_TABLE = True  # finish reads the dict's table ahead of its inserts where it can (docs/NATIVE.md)
 _ITEMS = 256  # keys per ws_kv_items call in the Python loop
 
 
@@ -277,7 +278,8 @@ class KVReplayer:
         live = int(_lib.ws_kv_len(self._kv))
         while True:
             limit = min(_DICT_CHUNK, max(1, live - len(out)))  # every key is new to `out`
-            rc = build(self._kv, id(out), id(codec_keys), cursor, limit, PREFAULT_OBJECTS)
+            flags = (PREFAULT_OBJECTS and _lib.WS_KV_DICT_PREFAULT) | (PREFETCH_TABLE and _lib.WS_KV_DICT_PREFETCH)
+            rc = build(self._kv, id(out), id(codec_keys), cursor, limit, flags)
             if rc != _lib.WS_KV_DICT_MORE:
                 break
         if rc == _lib.WS_KV_DICT_UNSUPPORTED:  # pragma: no cover - checked by _DICT_IN_C
