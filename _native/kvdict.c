@@ -369,12 +369,14 @@ static PyObject *make(const uint8_t *p, uint32_t n, int text)
 #define TABLE_PREFETCH 1
 #define PROBE_AHEAD 2 /* slots of each key's probe read ahead, with the entries they hold */
 
-/* 0: not checked yet; -1: not used; 10: 3.10's layout; 11: that of 3.11 to 3.13. */
+/* 0: not checked yet; -1: not used; 10: 3.10's layout; 11: that of 3.11 to 3.13. Set once
+ * (atomically: with a GIL per interpreter, 3.12 on, two may decide at once, alike). */
 static int dict_layout;
-static uint64_t prefetched_batches; /* (GIL) batches whose table was read ahead, for the tests */
+static uint64_t prefetched_batches; /* batches whose table was read ahead, for the tests */
 
 typedef struct {
     const uint8_t *keys; /* the keys object this view was taken from */
+    int layout;
     const uint8_t *indices;
     const uint8_t *entries;
     size_t mask;
@@ -389,14 +391,16 @@ static const uint8_t *dict_keys(PyObject *dict)
     return *(const uint8_t *const *)((const uint8_t *)dict + 32);
 }
 
-/* (GIL held, layout known) A view of the dict's combined table; 0 if it has none (split). */
-static int view_table(PyObject *dict, table_view *t)
+/* (GIL held) A view of the dict's combined table as `layout` (10 or 11) has it; 0 if it has
+ * none (split), or if the header is not one that layout can have. */
+static int view_table(PyObject *dict, int layout, table_view *t)
 {
     const uint8_t *keys = dict_keys(dict);
     if (*(void *const *)((const uint8_t *)dict + 40) != NULL || keys == NULL)
         return 0;
     t->keys = keys;
-    if (dict_layout == 10) { /* dk_refcnt, dk_size, dk_lookup, dk_usable, dk_nentries, dk_indices */
+    t->layout = layout;
+    if (layout == 10) { /* dk_refcnt, dk_size, dk_lookup, dk_usable, dk_nentries, dk_indices */
         size_t size = *(const size_t *)(keys + 8);
         if (size < 8 || (size & (size - 1)) != 0)
             return 0;
@@ -426,7 +430,7 @@ static int view_table(PyObject *dict, table_view *t)
 static int same_table(PyObject *dict, const table_view *t)
 {
     table_view now;
-    return dict_keys(dict) == t->keys && view_table(dict, &now) && now.mask == t->mask &&
+    return dict_keys(dict) == t->keys && view_table(dict, t->layout, &now) && now.mask == t->mask &&
            now.entry_size == t->entry_size;
 }
 
@@ -466,11 +470,11 @@ static PyObject *entry_key(const table_view *t, const uint8_t *entry)
 /* (GIL held) 1 if every key of `dict` (made from `keys`, in order) is where the layout says:
  * found by CPython's probe sequence (perturb >>= 5; i = i * 5 + perturb + 1) at its own entry,
  * with its hash where entries hold one. */
-static int layout_holds(PyObject *dict, PyObject *keys)
+static int layout_holds(PyObject *dict, PyObject *keys, int layout)
 {
     table_view t;
     Py_ssize_t n = PyList_Size(keys);
-    if (!view_table(dict, &t) || t.nentries != n || PyDict_Size(dict) != n)
+    if (!view_table(dict, layout, &t) || t.nentries != n || PyDict_Size(dict) != n)
         return 0;
     for (Py_ssize_t k = 0; k < n; k++) {
         PyObject *key = PyList_GetItem(keys, k);
@@ -490,7 +494,7 @@ static int layout_holds(PyObject *dict, PyObject *keys)
 }
 
 /* (GIL held) 1 if a dict of `n` new keys (bytes, or str when `text`) passes layout_holds. */
-static int layout_sample_holds(Py_ssize_t n, int text)
+static int layout_sample_holds(Py_ssize_t n, int text, int layout)
 {
     PyObject *dict = PyDict_New(), *keys = PyList_New(0);
     int ok = dict && keys;
@@ -501,7 +505,7 @@ static int layout_sample_holds(Py_ssize_t n, int text)
         ok = key && PyDict_SetItem(dict, key, Py_None) == 0 && PyList_Append(keys, key) == 0;
         Py_XDECREF(key);
     }
-    ok = ok && layout_holds(dict, keys);
+    ok = ok && layout_holds(dict, keys, layout);
     Py_XDECREF(dict);
     Py_XDECREF(keys);
     if (PyErr_Occurred())
@@ -514,24 +518,23 @@ static int layout_sample_holds(Py_ssize_t n, int text)
  * through it: view_table refuses the header it would see. */
 static int layout_checks(int layout)
 {
-    int saved = dict_layout, ok;
-    dict_layout = layout;
-    ok = layout_sample_holds(5, 0) && layout_sample_holds(300, 0) && layout_sample_holds(5, 1) &&
-         layout_sample_holds(300, 1);
-    dict_layout = saved;
-    return ok;
+    return layout_sample_holds(5, 0, layout) && layout_sample_holds(300, 0, layout) &&
+           layout_sample_holds(5, 1, layout) && layout_sample_holds(300, 1, layout);
 }
 
-/* (GIL held) 1 when the dict's table may be read ahead, deciding once. */
+/* (GIL held) The layout in use (10 or 11), or 0 when the dict's table is not read ahead;
+ * decided once. */
 static int layout_known(void)
 {
-    if (dict_layout == 0) {
+    int known = __atomic_load_n(&dict_layout, __ATOMIC_ACQUIRE);
+    if (known == 0) {
         int major = 0, minor = 0, layout = -1;
         if (sscanf(Py_GetVersion(), "%d.%d", &major, &minor) == 2 && major == 3 && minor >= 10 && minor <= 13)
             layout = minor == 10 ? 10 : 11;
-        dict_layout = layout > 0 && layout_checks(layout) ? layout : -1;
+        known = layout > 0 && layout_checks(layout) ? layout : -1;
+        __atomic_store_n(&dict_layout, known, __ATOMIC_RELEASE);
     }
-    return dict_layout > 0;
+    return known > 0 ? known : 0;
 }
 #endif
 
@@ -549,9 +552,10 @@ static size_t insert_batch(PyObject *dict, PyObject *codec_keys, const ws_kv_ite
 #ifdef TABLE_PREFETCH
     table_view t;
     const uint8_t *ahead[BATCH];
-    int view = prefetch && layout_known() && view_table(dict, &t);
+    int layout = prefetch ? layout_known() : 0;
+    int view = layout && view_table(dict, layout, &t);
     if (view)
-        prefetched_batches++;
+        __atomic_add_fetch(&prefetched_batches, 1, __ATOMIC_RELAXED);
 #else
     (void)prefetch;
 #endif
@@ -686,11 +690,13 @@ int ws_kv_dict_layout(int layout, uint64_t *batches)
     int rc = -1;
     PyGILState_STATE gil = PyGILState_Ensure();
 #ifdef TABLE_PREFETCH
-    if (layout == 0)
-        rc = layout_known() ? dict_layout : -1;
-    else if (layout == 10 || layout == 11)
+    if (layout == 0) {
+        int known = layout_known();
+        rc = known ? known : -1;
+    } else if (layout == 10 || layout == 11) {
         rc = layout_checks(layout);
-    *batches = prefetched_batches;
+    }
+    *batches = __atomic_load_n(&prefetched_batches, __ATOMIC_RELAXED);
 #else
     (void)layout;
     *batches = 0;
