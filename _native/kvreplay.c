@@ -7,9 +7,12 @@
  *
  * Replay is bound by memory latency (a table of millions of keys does not fit
  * in cache), so operations are decoded PIPE ahead of being applied, and the
- * slot, entry and stored key each operation will touch are prefetched in
- * stages. Each slot holds the hash beside the entry number, so a probe reads
- * an entry only when the hashes match, and the entry to prefetch is known.
+ * slot and entry each operation will touch are prefetched in stages. Each
+ * slot holds the hash beside the entry number, so a probe reads an entry only
+ * when the hashes match, and the entry to prefetch is known. Each entry keeps
+ * its key's first INLINE_KEY bytes, so comparing a key that short reads
+ * nothing from the log; for a longer key the rest of the stored key is
+ * prefetched in a third stage.
  * Large tables are placed on 2 MiB pages where Linux offers them (fewer TLB
  * misses). Prefetches are hints only: every operation is still applied in
  * log order with a full lookup.
@@ -45,6 +48,8 @@
 #define PREFETCH(p) ((void)(p))
 #endif
 
+#define INLINE_KEY 16 /* the first bytes of a key, kept in its entry for the comparisons */
+
 typedef struct {
     const uint8_t *key; /* the value follows at key + klen */
     uint32_t klen;
@@ -52,6 +57,7 @@ typedef struct {
     uint32_t hash;
     uint8_t flags; /* op flags of the last PUT: key-is-str bit, value kind */
     uint8_t live;
+    uint8_t head[INLINE_KEY]; /* key[0, min(klen, INLINE_KEY)) */
 } entry;
 
 struct ws_kv {
@@ -278,6 +284,14 @@ static int rebuild(ws_kv *kv)
     return WS_KV_OK;
 }
 
+/* The entry's key equals key[0, klen) (klen == e->klen): its head from the entry, the rest
+ * (keys longer than INLINE_KEY) from the log. */
+static int same_key(const entry *e, const uint8_t *key, uint32_t klen)
+{
+    size_t n = klen < INLINE_KEY ? klen : INLINE_KEY;
+    return memcmp(e->head, key, n) == 0 && (klen <= INLINE_KEY || memcmp(e->key + n, key + n, klen - n) == 0);
+}
+
 /* The slot holding the key (*found = 1), or the slot to insert it in (*found = 0). */
 static size_t lookup(const ws_kv *kv, const pending *p, int *found)
 {
@@ -295,7 +309,7 @@ static size_t lookup(const ws_kv *kv, const pending *p, int *found)
         } else if ((uint32_t)(v >> 32) == p->hash) {
             const entry *e = &kv->entries[slot_entry(v)];
             if (e->klen == p->klen && (unsigned)(e->flags & WS_KEY_STR) == kflag &&
-                memcmp(e->key, p->key, p->klen) == 0) {
+                same_key(e, p->key, p->klen)) {
                 *found = 1;
                 return s;
             }
@@ -326,6 +340,7 @@ static int put(ws_kv *kv, const pending *p)
     }
     e = &kv->entries[kv->n_entries];
     e->key = p->key;
+    memcpy(e->head, p->key, p->klen < INLINE_KEY ? p->klen : INLINE_KEY);
     e->klen = p->klen;
     e->vlen = p->vlen;
     e->hash = p->hash;
@@ -425,7 +440,8 @@ static void prefetch_entry(const ws_kv *kv, pending *p)
     }
 }
 
-/* Stage 3: the entry is (likely) cached; prefetch its stored key for the comparison.
+/* Stage 3, for keys longer than INLINE_KEY only (shorter ones are compared in the entry):
+ * the entry is (likely) cached; prefetch the rest of its stored key for the comparison.
  * The table may have changed since stage 2 (even been rebuilt): a hint only. */
 static void prefetch_key(const ws_kv *kv, const pending *p)
 {
@@ -471,7 +487,7 @@ int ws_kv_apply_range(ws_kv *kv, const uint8_t *buf, size_t size, size_t start, 
             break;
         if (n > PIPE / 2)
             prefetch_entry(kv, &ring[(head + PIPE / 2) & (PIPE - 1)]);
-        if (n > PIPE / 4)
+        if (n > PIPE / 4 && ring[(head + PIPE / 4) & (PIPE - 1)].klen > INLINE_KEY)
             prefetch_key(kv, &ring[(head + PIPE / 4) & (PIPE - 1)]);
         if (ring[head].op == WS_OP_PUT) {
             int rc = put(kv, &ring[head]);

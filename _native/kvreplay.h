@@ -3,8 +3,9 @@
  * A key is (key bytes, key-is-str flag). PUT sets it, DELETE removes it, and
  * the table keeps Python dict order: a key keeps its first position until it
  * is deleted; a PUT after a DELETE puts it last. Entries point into the
- * caller's buffers (no copies): the caller keeps every buffer passed to
- * ws_kv_apply_range alive and unchanged until ws_kv_export has run.
+ * caller's buffers (copying only a key's first 16 bytes, for comparisons):
+ * the caller keeps every buffer passed to ws_kv_apply_range alive and
+ * unchanged until ws_kv_export has run.
  *
  * Memory safety: every frame and op length is checked against the range
  * before use; allocations grow with the number of operations seen, never

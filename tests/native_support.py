@@ -78,7 +78,9 @@ def blob(seed: int, n: int) -> bytes:
 
 
 KEY_TEXTS = [t.encode() for t in ["", "a", "b", "k1", "ключ", "\u00e9"]] * 5 + [b"\xc3"]  # rarely not UTF-8
-KEY_BYTES = [b"", b"a", b"b", b"k1", b"\xff\xfe", bytes(range(16))]
+# Keys around the C table's 16 inline bytes: 15, 16, and longer ones sharing those 16.
+HEAD16 = bytes(range(16))
+KEY_BYTES = [b"", b"a", b"b", b"k1", b"\xff\xfe", HEAD16[:15], HEAD16, HEAD16 + b"x", HEAD16 + b"y", HEAD16 + b"xz"]
 
 
 @st.composite

@@ -108,6 +108,29 @@ def test_last_writer_wins_and_dict_order(native: Any) -> None:
     assert result == ("ok", [(b"a", b"4"), ("a", "un"), (b"b", b"5"), (b"d", ("decoded", b"[1]"))])
 
 
+def test_keys_that_share_the_inline_head(native: Any) -> None:
+    """The C table keeps a key's first 16 bytes in its entry: keys equal there but not after
+    (or of other lengths) stay distinct keys, and equal ones are found, whatever the table
+    holds (many keys, so the table is rebuilt in between)."""
+    head = b"0123456789abcdef"
+    names = [head[:15], head, head + b"x", head + b"y", head + b"xy", head + b"x" * 40, head + b"y" * 40]
+    ops = []
+    for round_ in range(3):
+        for i in range(2000):  # filler, so the table grows and is rebuilt around them
+            ops.append(fmt.encode_op(PUT, 0, b"filler-%d-%d" % (round_, i), b"f"))
+        for j, name in enumerate(names):
+            ops.append(fmt.encode_op(PUT, 0, name, b"%d-%d" % (round_, j)))
+        ops.append(fmt.encode_op(DELETE, 0, names[(round_ * 3) % len(names)]))
+        ops.append(fmt.encode_op(PUT, fmt.op_flags(True, fmt.VALUE_STR), names[round_], b"text"))
+    log = frame(fmt.REC_COMMIT, 1, 0, b"".join(ops))
+    status, items = replay_both(native, [(log, 0, len(log))])
+    assert status == "ok"
+    got = dict(items)
+    assert got[head + b"x"] == b"2-2" and got[head + b"x" * 40] == b"2-5" and got[head[:15]] == b"2-0"
+    assert head + b"y" * 40 not in got  # deleted in the last round
+    assert got["0123456789abcdef"] == "text"  # the str key with those bytes: another key
+
+
 def test_many_keys_grow_and_shrink(native: Any) -> None:
     """Enough keys to rebuild the table many times, with deletes leaving dead entries."""
     ops = [fmt.encode_op(PUT, 0, b"%06d" % i, b"v%d" % i) for i in range(5000)]
