@@ -583,25 +583,23 @@ static size_t insert_batch(PyObject *dict, PyObject *codec_keys, const ws_kv_ite
 #ifdef TABLE_PREFETCH
     if (view) { /* nothing inserted since the view was taken: the same table, its slots now in cache */
         size_t slot[BATCH], perturb[BATCH];
-        uint8_t more[BATCH]; /* the probe goes on past slot[j] */
+        uint8_t more[BATCH]; /* the probe goes on at slot[j] */
         for (size_t j = 0; j < made; j++) {
             slot[j] = (size_t)hashes[j] & t.mask;
             perturb[j] = (size_t)hashes[j];
-            ahead[j] = entry_at(&t, slot[j]);
-            if (ahead[j]) { /* a used slot: the probe reads its entry, then goes on */
-                PREFETCH(ahead[j]);
-                perturb[j] >>= 5;
-                slot[j] = (slot[j] * 5 + perturb[j] + 1) & t.mask;
-                PREFETCH(t.indices + (slot[j] << t.ix_shift));
-            }
-            more[j] = ahead[j] != NULL;
+            more[j] = 1;
         }
-        for (int level = 1; level < PROBE_AHEAD; level++) {
+        /* A pass per probe step: each slot read was prefetched a pass before (the first ones
+         * as the batch's objects were made); a used slot's entry is prefetched, and the
+         * probe's next slot. */
+        for (int level = 0; level < PROBE_AHEAD; level++) {
             for (size_t j = 0; j < made; j++) {
                 const uint8_t *entry;
                 if (!more[j])
                     continue;
                 entry = entry_at(&t, slot[j]);
+                if (level == 0)
+                    ahead[j] = entry;
                 if (!entry) {
                     more[j] = 0;
                     continue;
