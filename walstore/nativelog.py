@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, Optional
 
@@ -33,7 +34,17 @@ from . import failpoints as _fp
 from . import format as fmt
 from .errors import StoreClosedError, StorePoisonedError
 from .fileapi import OSFileAPI
-from .writer import INTERVAL, NONE, SYNC, ActiveSegment, BurstWriter, LogWriter, WriterOptions, mappable
+from .writer import (
+    INTERVAL,
+    NONE,
+    SYNC,
+    ActiveSegment,
+    BurstWriter,
+    FlushSchedule,
+    LogWriter,
+    WriterOptions,
+    mappable,
+)
 
 try:
     from ._walstore_native import ffi as _ffi
@@ -393,8 +404,9 @@ class NativeLogWriter(LogWriter):
         self._await_durable(target)
 
     def _flush_loop(self) -> None:
-        interval = self._opts.interval_ms / 1000.0
-        while not self._stop_flusher.wait(interval):
+        schedule = FlushSchedule(self._opts.interval_ms / 1000.0, time.monotonic())
+        while not self._stop_flusher.wait(schedule.delay(time.monotonic())):
+            started = time.monotonic()
             if self._closed or self._poison is not None:
                 return
             target = self._written_seq
@@ -403,6 +415,7 @@ class NativeLogWriter(LogWriter):
                     self._await_durable(target)
                 except (StorePoisonedError, StoreClosedError):
                     return
+            schedule.ran(started, time.monotonic())
 
     # ---- failure and close -----------------------------------------------------
 

@@ -24,6 +24,7 @@ import os
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -77,6 +78,27 @@ class WriterOptions:
     interval_ms: float = 100.0
     segment_size: int = 64 << 20
     preallocate: bool = True
+
+
+class FlushSchedule:
+    """When `interval` mode's background flushes start: `interval` seconds after the previous
+    one started, or as soon as it ends if it ran longer than that.
+
+    So a commit acknowledged at time t is covered by a flush that starts by
+    t + max(interval, the rest of the flush running at t), not a whole interval after
+    that flush ends (docs/GUARANTEES.md states the bound)."""
+
+    def __init__(self, interval: float, now: float) -> None:
+        self.interval = interval
+        self.next_start = now + interval
+
+    def delay(self, now: float) -> float:
+        """Seconds until the next flush should start (0: start it now)."""
+        return max(0.0, self.next_start - now)
+
+    def ran(self, started: float, ended: float) -> None:
+        """A flush (or a look that found nothing to flush) started at `started`, ended at `ended`."""
+        self.next_start = max(started + self.interval, ended)
 
 
 @dataclass
@@ -565,16 +587,23 @@ class LogWriter:
             self._wait_durable(self._written_seq)
 
     def _flush_loop(self) -> None:
-        interval = self._opts.interval_ms / 1000.0
-        while not self._stop_flusher.wait(interval):
+        """`interval` mode: make every record durable within one interval (FlushSchedule).
+
+        A flush joins a sync already running rather than skipping its turn: a record
+        written after that sync began still needs the next one."""
+        schedule = FlushSchedule(self._opts.interval_ms / 1000.0, time.monotonic())
+        while not self._stop_flusher.wait(schedule.delay(time.monotonic())):
+            started = time.monotonic()
             with self._cond:
                 if self._closed or self._poison is not None:
                     return
-                if self._written_seq > self._durable_seq and not self._syncing and not self._draining:
+                target = self._written_seq
+                if target > self._durable_seq:
                     try:
-                        self._sync_leader()
-                    except StorePoisonedError:
+                        self._wait_durable(target)
+                    except (StorePoisonedError, StoreClosedError):
                         return
+            schedule.ran(started, time.monotonic())
 
     # ---- segments --------------------------------------------------------------
 
