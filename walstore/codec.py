@@ -12,7 +12,7 @@ import json
 import pickle
 from typing import Any, Protocol
 
-from .errors import CodecError
+from .errors import CodecError, InvalidOptionError
 
 
 class Codec(Protocol):
@@ -71,8 +71,8 @@ def get_codec(codec: str | Codec) -> Codec:
         try:
             return _CODECS[codec]()
         except KeyError:
-            raise ValueError(f"unknown codec {codec!r}; choose one of {sorted(_CODECS)}") from None
+            raise InvalidOptionError(f"unknown codec {codec!r}; choose one of {sorted(_CODECS)}") from None
     for attr in ("name", "encode", "decode"):
         if not hasattr(codec, attr):
-            raise TypeError(f"codec object lacks {attr!r}")
+            raise InvalidOptionError(f"codec object lacks {attr!r}")
     return codec

@@ -23,6 +23,7 @@ from . import format as fmt
 from . import reader, replay, snapshot
 from .errors import (
     CorruptionError,
+    InvalidOptionError,
     NotAStoreError,
     StoreClosedError,
     StoreForkedError,
@@ -31,7 +32,8 @@ from .errors import (
 )
 from .fileapi import DEFAULT, OSFileAPI
 from .nativelog import make_writer
-from .writer import DURABILITY_MODES, ActiveSegment, LogWriter, WriterOptions, create_segment
+from .options import check_bool
+from .writer import ActiveSegment, LogWriter, WriterOptions, create_segment
 
 
 @dataclass
@@ -178,8 +180,9 @@ class LogCore:
         create: bool = True,
         fs: Optional[OSFileAPI] = None,
     ) -> None:
-        if options.durability not in DURABILITY_MODES:
-            raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {options.durability!r}")
+        check_bool("create", create)  # WriterOptions checked the log's options
+        if fs is not None and not isinstance(fs, OSFileAPI):
+            raise InvalidOptionError(f"fs must be a walstore.fileapi.OSFileAPI, not {type(fs).__name__}")
         self.fs = fs or DEFAULT
         self.path = os.fspath(path)
         self.options = options

@@ -17,6 +17,7 @@ from typing import Any, Optional, TypeVar
 from . import format as fmt
 from . import snapshot
 from .core import LogCore, RecoveryInfo
+from .options import check_compaction
 from .writer import LogWriter
 
 _S = TypeVar("_S", bound="DurableStore")
@@ -31,6 +32,7 @@ class DurableStore:
     def _init_compaction(
         self, auto_compact: bool, compact_min_bytes: int, compact_ratio: float, keep_snapshots: int
     ) -> None:
+        check_compaction(auto_compact, compact_min_bytes, compact_ratio, keep_snapshots)
         self._auto_compact = auto_compact
         self._compact_min_bytes = compact_min_bytes
         self._compact_ratio = compact_ratio

@@ -17,6 +17,12 @@ class StoreForkedError(StoreClosedError):
     (close() writes nothing); open the store in the child once the parent has closed it."""
 
 
+class InvalidOptionError(WalstoreError, ValueError, TypeError):
+    """An option of `open()` or `open_machine()` (or a commit's durability) has the wrong
+    type or value. Nothing was opened, created or written. It is both a ValueError and a
+    TypeError, so code that catches either keeps working."""
+
+
 class TransactionClosedError(WalstoreError):
     """The transaction's block has ended; start a new transaction."""
 

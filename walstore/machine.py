@@ -61,7 +61,7 @@ from .errors import (
     WalstoreError,
 )
 from .fileapi import OSFileAPI
-from .writer import DURABILITY_MODES, NONE, SYNC, WriterOptions
+from .writer import NONE, SYNC, WriterOptions, check_durability
 
 S = TypeVar("S")
 P = ParamSpec("P")
@@ -528,8 +528,8 @@ class _Prepared:
 
 
 def _check_durability(durability: Optional[str]) -> None:
-    if durability is not None and durability not in DURABILITY_MODES:
-        raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
+    if durability is not None:
+        check_durability(durability)
 
 
 class MachineStore(DurableStore, Generic[S]):

@@ -75,6 +75,11 @@ class Store(DurableStore, MutableMapping[Key, Any]):
     `compact_ratio` times the snapshot's size (as Redis auto-aof-rewrite).
     `keep_snapshots` older snapshots (with the log after them) are kept, so a
     damaged newest snapshot can be rebuilt around.
+
+    Every option is checked before anything is created or opened: a wrong type
+    or value (`interval_ms` not above 0, `segment_size` under 1,024 bytes,
+    `keep_snapshots` under 1, a bool that is not a bool) raises
+    InvalidOptionError, naming the option.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Store:

@@ -32,9 +32,17 @@ from typing import Any, NoReturn, Optional
 
 from . import failpoints as _fp
 from . import format as fmt
-from .errors import DiskFullError, RecordTooLargeError, StoreClosedError, StoreForkedError, StorePoisonedError
+from .errors import (
+    DiskFullError,
+    InvalidOptionError,
+    RecordTooLargeError,
+    StoreClosedError,
+    StoreForkedError,
+    StorePoisonedError,
+)
 from .failpoints import hit
 from .fileapi import OSFileAPI
+from .options import MIN_SEGMENT_SIZE, check_bool, check_int, check_interval_ms
 
 SYNC = "sync"
 INTERVAL = "interval"
@@ -78,6 +86,19 @@ class WriterOptions:
     interval_ms: float = 100.0
     segment_size: int = 64 << 20
     preallocate: bool = True
+
+    def __post_init__(self) -> None:
+        """InvalidOptionError for a wrong type or value, before anything is opened."""
+        check_durability(self.durability)
+        self.interval_ms = check_interval_ms(self.interval_ms)
+        check_int("segment_size", self.segment_size, MIN_SEGMENT_SIZE)
+        check_bool("preallocate", self.preallocate)
+
+
+def check_durability(durability: Any) -> str:
+    if not isinstance(durability, str) or durability not in DURABILITY_MODES:
+        raise InvalidOptionError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
+    return durability
 
 
 class FlushSchedule:
@@ -415,10 +436,8 @@ class LogWriter:
             _fp.hit("commit.before_write")
         if durability is None:
             mode = self._opts.durability
-        elif durability in DURABILITY_MODES:
-            mode = durability
         else:
-            raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
+            mode = check_durability(durability)
         m = seg.mapping
         end = seg.offset + len(frame)
         try:
