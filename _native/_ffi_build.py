@@ -15,7 +15,17 @@ import sys
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["crc32c.c", "scan.c", "kvreplay.c", "kvdict.c", "snapshot.c", "logwrite.c", "fastput.c", "yieldpoint.c"]
+SOURCES = [
+    "crc32c.c",
+    "scan.c",
+    "kvreplay.c",
+    "kvdict.c",
+    "snapshot.c",
+    "logwrite.c",
+    "gilturn.c",
+    "fastput.c",
+    "yieldpoint.c",
+]
 HEADERS = [
     "walstore_format.h",
     "crc32c.h",
@@ -24,6 +34,7 @@ HEADERS = [
     "kvdict.h",
     "snapshot.h",
     "logwrite.h",
+    "gilturn.h",
     "fastput.h",
     "yieldpoint.h",
     "le.h",
@@ -49,6 +60,7 @@ CDEF = (
     + _int_defines("kvreplay.h")
     + _int_defines("kvdict.h")
     + _int_defines("fastput.h")
+    + _int_defines("gilturn.h")
     + """
 #define WS_LOG_NO_ROOM ...
 #define WS_LOG_TOO_BIG ...
@@ -122,6 +134,11 @@ uint64_t ws_log_log_bytes(ws_log *log);
 void ws_log_set_log_bytes(ws_log *log, uint64_t n);
 void ws_log_set_notify(ws_log *log, uint64_t offset, uint64_t log_bytes);
 int ws_log_wait(ws_log *log, uint64_t seq);
+int ws_log_commit_wait(ws_log *log, uint64_t seq);
+void ws_turn_release(void);
+void ws_turn_claim(void);
+void ws_turn_set_spin(uint32_t max_us);
+void ws_turn_stats(uint64_t *claims, uint64_t *spun, uint64_t *timeouts, uint64_t *hold_ns);
 void ws_log_set_gather(ws_log *log, uint32_t max_us);
 int ws_log_gap(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us);
 int64_t ws_log_burst(ws_log *log, uint32_t syncs, uint32_t idle_us, uint32_t max_us, uint64_t max_ns, int fd,

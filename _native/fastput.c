@@ -261,7 +261,7 @@ static int fast_ass_subscript(PyObject *self, PyObject *key, PyObject *value)
         }
         if (rc == 0 && !f->lazy) { /* sync: return once an fdatasync begun after the write ended */
             PyThreadState *ts = PyEval_SaveThread();
-            int w = ws_log_wait(log, (uint64_t)(r & SEQ_MASK));
+            int w = ws_log_commit_wait(log, (uint64_t)(r & SEQ_MASK));
             PyEval_RestoreThread(ts);
             if (w != 0) { /* closed, or a failed sync: the writer's `_wait_failed(rc)` raises */
                 PyObject *code = PyLong_FromLong(w);

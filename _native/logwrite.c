@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "crc32c.h"
+#include "gilturn.h"
 #include "walstore_format.h"
 
 #define SCRATCH_MIN 4096
@@ -487,6 +488,14 @@ int ws_log_wait(ws_log *log, uint64_t seq)
     if (--log->waiters == 0)
         pthread_cond_broadcast(&log->idle_cv);
     pthread_mutex_unlock(&log->mu);
+    return rc;
+}
+
+int ws_log_commit_wait(ws_log *log, uint64_t seq)
+{
+    ws_turn_release();
+    int rc = ws_log_wait(log, seq);
+    ws_turn_claim();
     return rc;
 }
 

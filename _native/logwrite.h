@@ -90,6 +90,10 @@ void ws_log_set_gather(ws_log *log, uint32_t max_us);
 /* 0 once `seq` is durable; -errno of a failed fdatasync; WS_LOG_CLOSED. */
 int ws_log_wait(ws_log *log, uint64_t seq);
 
+/* ws_log_wait for a committer that has just let go of the GIL and takes it back on
+ * return: it hands the GIL turn on first and claims it back after (gilturn.h). */
+int ws_log_commit_wait(ws_log *log, uint64_t seq);
+
 /* For a background writer that writes in bursts (a snapshot), before each burst: wait
  * until `syncs` commit fdatasyncs have completed since the call and the next one has
  * started (1: the burst then queues behind that sync, so that one commit alone waits for

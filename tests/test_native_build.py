@@ -14,7 +14,16 @@ from native_support import require_native
 
 ROOT = Path(__file__).resolve().parent.parent
 NATIVE = ROOT / "_native"
-SOURCES = ["crc32c.c", "scan.c", "kvreplay.c", "snapshot.c", "logwrite.c", "yieldpoint.c", "fuzz/fuzz_replay.c"]
+SOURCES = [
+    "crc32c.c",
+    "scan.c",
+    "kvreplay.c",
+    "snapshot.c",
+    "logwrite.c",
+    "gilturn.c",
+    "yieldpoint.c",
+    "fuzz/fuzz_replay.c",
+]
 WARNINGS = [
     "-Wall",
     "-Wextra",

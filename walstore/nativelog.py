@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, Optional
@@ -58,7 +59,7 @@ except ImportError:  # no compiler at install time
 if BUILT:
     _put = _lib.ws_log_put
     _put_op = _lib.ws_log_put_op
-    _wait = _lib.ws_log_wait
+    _wait = _lib.ws_log_commit_wait
     _last_seq = _lib.ws_log_last_seq
     _NOTIFY = _lib.WS_LOG_NOTIFY
     _SEQ = _NOTIFY - 1
@@ -66,6 +67,37 @@ if BUILT:
     _TOO_BIG = _lib.WS_LOG_TOO_BIG
     _CLOSED = _lib.WS_LOG_CLOSED
     _FAILED = _lib.WS_LOG_FAILED
+
+GIL_TURN_SPIN_US = 500
+"""Group commit: the longest a committer whose sync ended yields its CPU, rather than
+sleeping, until the committer ahead of it lets go of the GIL (`_native/gilturn.h`;
+docs/NATIVE.md, "Handing the GIL between committers"). 0 turns it off."""
+
+
+def set_gil_turn_spin(max_us: int) -> None:
+    """Set GIL_TURN_SPIN_US for the whole process (0: committers sleep for the GIL)."""
+    global GIL_TURN_SPIN_US
+    if isinstance(max_us, bool) or not isinstance(max_us, int) or not 0 <= max_us <= 1_000_000:
+        raise ValueError(f"the spin limit is an int from 0 to 1,000,000 us, not {max_us!r}")
+    GIL_TURN_SPIN_US = max_us
+    if BUILT:
+        _lib.ws_turn_set_spin(max_us)
+
+
+def gil_turn_stats() -> dict[str, int]:
+    """The GIL turn's counters since the process started: claims (committers back from a
+    sync wait), spun (claims that yielded for the turn), timeouts (claims that gave up at
+    the limit) and hold_ns (the average time a committer keeps the turn)."""
+    if not BUILT:
+        return {"claims": 0, "spun": 0, "timeouts": 0, "hold_ns": 0}
+    c = _ffi.new("uint64_t[4]")
+    _lib.ws_turn_stats(c, c + 1, c + 2, c + 3)
+    return {"claims": c[0], "spun": c[1], "timeouts": c[2], "hold_ns": c[3]}
+
+
+if BUILT:
+    # Without a GIL (free-threaded CPython) there is nothing to hand on.
+    set_gil_turn_spin(GIL_TURN_SPIN_US if getattr(sys, "_is_gil_enabled", lambda: True)() else 0)
 
 _fast_base: Optional[type] = None
 _fast_base_made = False
