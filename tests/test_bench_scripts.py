@@ -66,6 +66,17 @@ def test_commit_bench_runs_and_reports_every_ratio(tmp_path: Path) -> None:
     assert all(report["ratios"][r] > 0 for r in targets)
 
 
+def test_commit_bench_table_shows_each_round(tmp_path: Path) -> None:
+    out = run_bench("commit.py", str(tmp_path), "--seconds", "0.05", "--rounds", "2", "--none-ops", "2000")
+    lines = out.splitlines()
+    table = lines[: lines.index("")]  # the contenders, before the ratios
+    rows = {line.split()[0]: line.split() for line in table}
+    for name in ("floor", "walstore_1", "walstore_8", "walstore_8_batch", "dict"):
+        assert len(rows[name]) == 1 + 1 + 2, rows[name]  # name, median, one figure per round
+    ratio = next(line for line in lines if line.startswith("walstore_8 / walstore_1"))
+    assert len(ratio.split(")")[1].split()) == 2 + 2  # of medians, per round, then each round's
+
+
 @pytest.mark.parametrize("latency_only", [False, True])
 def test_compaction_bench_runs_and_reports_every_target(tmp_path: Path, latency_only: bool) -> None:
     args = ["--keys", "2000", "--overwrites", "20000", "--baseline-seconds", "0.2", "--json"]
